@@ -1,0 +1,65 @@
+"""waveft_core: Wavelet Fine-Tuning (WaveFT, arXiv 2505.12532) in pure torch, bit-compatible with PEFT.
+
+Public API (everything the hosts' glue and the trainer may call):
+
+* maths: :func:`sample_positions`, :func:`delta_weight`, :func:`add_delta_`, :func:`supported_wavelets`;
+* modules: :class:`WaveFTLinear`, :func:`attach_waveft`, :func:`detach_waveft`, :func:`export_layers`;
+* settings: :class:`WaveFTConfig`, :func:`proportional_budgets`;
+* files: :class:`LayerAdapter`, :class:`AdapterFile`, :func:`save_adapter`, :func:`load_adapter`,
+  :func:`layer_from_tensors`, :class:`AdapterFileError`;
+* names: :mod:`waveft_core.names` (SDXL ldm / diffusers / kohya spellings).
+
+This package imports no host code (ComfyUI, A1111, gradio); a test enforces it.
+"""
+
+from .adapter_file import (
+    FORMAT_VERSION,
+    SUFFIXES,
+    AdapterFile,
+    AdapterFileError,
+    LayerAdapter,
+    layer_from_tensors,
+    load_adapter,
+    save_adapter,
+)
+from .config import SDXL_ATTENTION_PATTERN, WaveFTConfig, proportional_budgets
+from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight, patch_layout
+from .layer import WaveFTLinear, waveft_delta, waveft_linear
+from .model import attach_waveft, detach_waveft, export_layers, set_strength, waveft_layers
+from .positions import DEFAULT_SEED, sample_positions
+from .sparse_ops import SparsePlan, build_plan
+from .wavelets import check_wavelet, filter_length, supported_wavelets
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SUFFIXES",
+    "AdapterFile",
+    "AdapterFileError",
+    "LayerAdapter",
+    "layer_from_tensors",
+    "load_adapter",
+    "save_adapter",
+    "SDXL_ATTENTION_PATTERN",
+    "WaveFTConfig",
+    "proportional_budgets",
+    "DEFAULT_SCALING",
+    "DEFAULT_WAVELET",
+    "DEFAULT_SEED",
+    "add_delta_",
+    "delta_weight",
+    "patch_layout",
+    "WaveFTLinear",
+    "waveft_delta",
+    "waveft_linear",
+    "attach_waveft",
+    "detach_waveft",
+    "export_layers",
+    "set_strength",
+    "waveft_layers",
+    "sample_positions",
+    "SparsePlan",
+    "build_plan",
+    "check_wavelet",
+    "filter_length",
+    "supported_wavelets",
+]

@@ -1,0 +1,290 @@
+"""The WaveFT adapter file, format v1: one ``.safetensors``, every layer self-describing.
+
+Per layer, under its kohya-style prefix (``lora_unet_...``, ``lora_te1_...``, ``lora_te2_...``)::
+
+    <prefix>.waveft_coef     float32 [p]   trained coefficients (unscaled)
+    <prefix>.waveft_shape    int64   [2]   (out, in) of the adapted weight
+    <prefix>.waveft_scale    float32 []    scaling s
+    <prefix>.waveft_wavelet  uint8   [k]   wavelet name in ASCII
+    <prefix>.waveft_seed     int64   []    positions = sample_positions(out, in, p, seed)   } exactly
+    <prefix>.waveft_pos      int64   [p]   explicit flat positions                           } one of
+
+Applied update: ``W += strength * s * IDWT2(C)``. Files come from the internet: everything is validated, the
+header before any tensor is read, and every error names the offending key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .functional import add_delta_, delta_weight
+from .layer import waveft_delta
+from .positions import check_positions, sample_positions
+from .sparse_ops import build_plan
+from .wavelets import check_wavelet
+
+FORMAT_VERSION = "1"
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_WEIGHT_ELEMENTS = 1 << 28  # 16384 x 16384: beyond any SDXL layer; bounds what a hostile shape can allocate
+SUFFIXES = ("waveft_coef", "waveft_shape", "waveft_scale", "waveft_wavelet", "waveft_seed", "waveft_pos")
+_HEADER_SPEC = {  # suffix -> (safetensors dtype, rank)
+    "waveft_coef": ("F32", 1),
+    "waveft_shape": ("I64", 1),
+    "waveft_scale": ("F32", 0),
+    "waveft_wavelet": ("U8", 1),
+    "waveft_seed": ("I64", 0),
+    "waveft_pos": ("I64", 1),
+}
+
+
+class AdapterFileError(ValueError):
+    """A WaveFT file or layer is malformed; the message names the file and key."""
+
+
+@dataclass
+class LayerAdapter:
+    """One adapted layer: ``dW = scaling * IDWT2(C)``, ``C`` holding ``coef`` at the layer's positions."""
+
+    coef: torch.Tensor
+    shape: tuple[int, int]
+    scaling: float
+    wavelet: str
+    seed: int | None = None
+    positions: torch.Tensor | None = None
+    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def num_params(self) -> int:
+        return int(self.coef.numel())
+
+    def flat_positions(self) -> torch.Tensor:
+        if self.positions is not None:
+            return self.positions
+        assert self.seed is not None
+        return sample_positions(self.shape[0], self.shape[1], self.num_params, self.seed)
+
+    def delta_weight(self) -> torch.Tensor:
+        return delta_weight(self.coef, self.flat_positions(), self.shape, self.wavelet, self.scaling)
+
+    def add_to_(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """``weight += strength * dW`` in place (sparse scatter; see :func:`waveft_core.add_delta_`)."""
+        if tuple(weight.shape) != tuple(self.shape):
+            raise AdapterFileError(f"adapter is for a {self.shape} weight, the model's is {tuple(weight.shape)}")
+        return add_delta_(weight, self.coef, self.flat_positions(), self.wavelet, self.scaling, strength)
+
+    def activation_delta(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """``strength * x dW^T`` from the activations, never forming ``dW`` (bypass-style application)."""
+        if x.device not in self._plans:
+            self._plans[x.device] = build_plan(self.flat_positions(), self.shape, self.wavelet, x.device)
+        coef = self.coef.to(x.device)
+        return waveft_delta(x, coef, self._plans[x.device], self.scaling * float(strength))
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {
+            f"{prefix}.waveft_coef": self.coef.detach().to("cpu", torch.float32).contiguous(),
+            f"{prefix}.waveft_shape": torch.tensor(self.shape, dtype=torch.int64),
+            f"{prefix}.waveft_scale": torch.tensor(float(self.scaling), dtype=torch.float32),
+            f"{prefix}.waveft_wavelet": torch.tensor(list(self.wavelet.encode("ascii")), dtype=torch.uint8),
+        }
+        if self.positions is not None:
+            out[f"{prefix}.waveft_pos"] = self.positions.detach().to("cpu", torch.int64).contiguous()
+        else:
+            out[f"{prefix}.waveft_seed"] = torch.tensor(int(self.seed), dtype=torch.int64)  # type: ignore[arg-type]
+        return out
+
+
+@dataclass
+class AdapterFile:
+    layers: dict[str, LayerAdapter]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_params(self) -> int:
+        return sum(layer.num_params for layer in self.layers.values())
+
+
+def layer_from_tensors(prefix: str, tensors: Mapping[str, torch.Tensor]) -> LayerAdapter:
+    """Validate one layer's tensors (keys are the suffixes, e.g. ``waveft_coef``) and build the layer.
+
+    Used by :func:`load_adapter` and by host glue whose stock loaders hand over only tensors.
+    """
+    unknown = sorted(set(tensors) - set(SUFFIXES))
+    if unknown:
+        raise AdapterFileError(f"{prefix}: unknown WaveFT tensor(s) {unknown}")
+    for suffix in ("waveft_coef", "waveft_shape", "waveft_scale", "waveft_wavelet"):
+        if suffix not in tensors:
+            raise AdapterFileError(f"{prefix}.{suffix}: missing")
+    if ("waveft_seed" in tensors) == ("waveft_pos" in tensors):
+        raise AdapterFileError(f"{prefix}: needs exactly one of waveft_seed and waveft_pos")
+    _check_dtypes(prefix, tensors)
+    shape = _read_shape(prefix, tensors["waveft_shape"])
+    coef = tensors["waveft_coef"]
+    p = coef.numel()
+    if not 0 < p <= shape[0] * shape[1]:
+        raise AdapterFileError(f"{prefix}.waveft_coef: {p} coefficients for a {shape[0]}x{shape[1]} weight")
+    if not torch.isfinite(coef).all():
+        raise AdapterFileError(f"{prefix}.waveft_coef: contains NaN or Inf")
+    scaling = float(tensors["waveft_scale"])
+    if not math.isfinite(scaling):
+        raise AdapterFileError(f"{prefix}.waveft_scale: not finite ({scaling})")
+    wavelet = _read_wavelet(prefix, tensors["waveft_wavelet"])
+    if "waveft_pos" in tensors:
+        positions = tensors["waveft_pos"]
+        try:
+            check_positions(positions, shape[0], shape[1], f"{prefix}.waveft_pos")
+        except ValueError as err:
+            raise AdapterFileError(str(err)) from None
+        if positions.numel() != p:
+            raise AdapterFileError(f"{prefix}.waveft_pos: {positions.numel()} positions for {p} coefficients")
+        return LayerAdapter(coef.float(), shape, scaling, wavelet, positions=positions)
+    seed = int(tensors["waveft_seed"])
+    if seed < 0:
+        raise AdapterFileError(f"{prefix}.waveft_seed: negative seed {seed}")
+    return LayerAdapter(coef.float(), shape, scaling, wavelet, seed=seed)
+
+
+def _check_dtypes(prefix: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    wanted = {"F32": torch.float32, "I64": torch.int64, "U8": torch.uint8}
+    for suffix, tensor in tensors.items():
+        dtype, rank = _HEADER_SPEC[suffix]
+        if tensor.dtype != wanted[dtype] or tensor.dim() != rank:
+            raise AdapterFileError(
+                f"{prefix}.{suffix}: expected {wanted[dtype]} of rank {rank}, got {tensor.dtype} {tuple(tensor.shape)}"
+            )
+
+
+def _read_shape(prefix: str, tensor: torch.Tensor) -> tuple[int, int]:
+    if tensor.numel() != 2:
+        raise AdapterFileError(f"{prefix}.waveft_shape: expected 2 values, got {tensor.numel()}")
+    out_features, in_features = (int(v) for v in tensor.tolist())
+    if out_features <= 0 or in_features <= 0 or out_features * in_features > MAX_WEIGHT_ELEMENTS:
+        raise AdapterFileError(f"{prefix}.waveft_shape: implausible weight shape ({out_features}, {in_features})")
+    return out_features, in_features
+
+
+def _read_wavelet(prefix: str, tensor: torch.Tensor) -> str:
+    raw = bytes(tensor.tolist()[:64])
+    try:
+        return check_wavelet(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise AdapterFileError(f"{prefix}.waveft_wavelet: {err}") from None
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """Parse and bound-check a safetensors header without reading tensor data: (entries, metadata)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise AdapterFileError(f"{path.name}: not a safetensors file (truncated before the header)")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise AdapterFileError(f"{path.name}: not a safetensors file (header of {length} bytes, file of {size})")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise AdapterFileError(f"{path.name}: not a safetensors file (bad header: {err})") from None
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{path.name}: not a safetensors file (header is not an object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - length
+    for key, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise AdapterFileError(f"{path.name}: {key}: data lies outside the file (truncated or corrupt)")
+    return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _check_entry(path: Path, key: str, entry: dict) -> None:
+    suffix = key.rpartition(".")[2]
+    if suffix not in _HEADER_SPEC:
+        raise AdapterFileError(f"{path.name}: {key}: not a WaveFT tensor")
+    dtype, rank = _HEADER_SPEC[suffix]
+    shape = entry.get("shape", [])
+    if entry.get("dtype") != dtype or len(shape) != rank:
+        raise AdapterFileError(f"{path.name}: {key}: expected dtype {dtype} of rank {rank}, got {entry.get('dtype')} {shape}")
+    if rank and not 0 < shape[0] <= MAX_WEIGHT_ELEMENTS:
+        raise AdapterFileError(f"{path.name}: {key}: implausible length {shape[0]}")
+
+
+def load_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read and fully validate a v1 WaveFT file; raises :class:`AdapterFileError` naming the bad key."""
+    path = Path(path)
+    header, metadata = read_header(path)
+    version = metadata.get("waveft_version")
+    if version != FORMAT_VERSION:
+        raise AdapterFileError(f"{path.name}: waveft_version is {version!r}; this build reads version {FORMAT_VERSION}")
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, entry in header.items():
+        _check_entry(path, key, entry)
+    with safe_open(str(path), framework="pt") as handle:
+        for key in header:
+            prefix, _, suffix = key.rpartition(".")
+            grouped.setdefault(prefix, {})[suffix] = handle.get_tensor(key)
+    if not grouped:
+        raise AdapterFileError(f"{path.name}: contains no WaveFT layers")
+    layers = {}
+    for prefix, tensors in grouped.items():
+        try:
+            layers[prefix] = layer_from_tensors(prefix, tensors)
+        except AdapterFileError as err:
+            raise AdapterFileError(f"{path.name}: {err}") from None
+    return AdapterFile(layers, metadata)
+
+
+def default_metadata(layers: Mapping[str, LayerAdapter], output_name: str, base_model: str) -> dict[str, str]:
+    def uniform(values: set) -> str:
+        return str(values.pop()) if len(values) == 1 else "mixed"
+
+    return {
+        "waveft_version": FORMAT_VERSION,
+        "waveft_wavelet": uniform({layer.wavelet for layer in layers.values()}),
+        "waveft_scaling": uniform({float(layer.scaling) for layer in layers.values()}),
+        "waveft_seed": uniform({layer.seed if layer.positions is None else "explicit" for layer in layers.values()}),
+        "waveft_num_params": str(sum(layer.num_params for layer in layers.values())),
+        "ss_network_module": "waveft",
+        "ss_base_model_version": base_model,
+        "ss_output_name": output_name,
+    }
+
+
+def save_adapter(
+    path: str | os.PathLike,
+    layers: Mapping[str, LayerAdapter],
+    metadata: Mapping[str, str] | None = None,
+    base_model: str = "sdxl_base_v1-0",
+) -> Path:
+    """Write ``layers`` (kohya prefix -> layer) atomically: a temporary file in the same folder, then rename.
+
+    ``metadata`` adds to (and may override) the defaults of :func:`default_metadata`.
+    """
+    path = Path(path)
+    if not layers:
+        raise AdapterFileError("refusing to save an adapter with no layers")
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, layer in layers.items():
+        tensors.update(layer.tensors(prefix))
+    meta = default_metadata(layers, path.stem, base_model)
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=meta)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

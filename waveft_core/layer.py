@@ -1,0 +1,166 @@
+"""``WaveFTLinear``: a frozen ``nn.Linear`` plus a trainable WaveFT update, ``y = base(x) + x dW^T``.
+
+Two exact ways to evaluate it, both with a custom backward that never forms a dense ``dW`` gradient:
+
+* weight-side (float32/float64 base weights, no autocast): the forward multiplies by ``W + dW`` -- a copy of
+  ``W`` plus a scatter of ``p`` patches, far cheaper than touching the activations again -- and the backward
+  reuses that merged weight for ``dL/dx``;
+* activation-side (half-precision weights, autocast, or a trainable base): ``base(x)`` plus ``x dW^T`` from
+  the sparse factors in :mod:`waveft_core.sparse_ops`, kept in float32 so a small ``dW`` is not lost to
+  bf16 rounding of ``W + dW``.
+
+Either way ``dL/dc`` is the sampled product of :func:`waveft_core.sparse_ops.coef_grad`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight
+from .positions import DEFAULT_SEED, check_positions, sample_positions
+from .sparse_ops import (
+    SparsePlan,
+    analyse_outputs,
+    build_plan,
+    coef_grad,
+    delta_forward,
+    delta_input_grad,
+    features_major,
+)
+from .wavelets import check_wavelet
+
+
+def _merged_weight(weight: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
+    merged = weight.detach().clone()
+    return add_delta_(merged, coef, torch.empty(0), plan.wavelet, scaling, layout=plan.layout)
+
+
+class _MergedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x, coef, weight, bias, plan: SparsePlan, scaling: float):  # type: ignore[override]
+        ctx.save_for_backward(x, coef, weight)
+        ctx.plan, ctx.scaling = plan, scaling
+        return F.linear(x, _merged_weight(weight, coef, plan, scaling), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        x, coef, weight = ctx.saved_tensors
+        plan, scaling = ctx.plan, ctx.scaling
+        grad_x = grad_coef = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ _merged_weight(weight, coef, plan, scaling).to(grad_out.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_coef = coef_grad(analyse_outputs(grad_out, plan), features_major(x), plan, scaling)
+        return grad_x, grad_coef, None, None, None, None
+
+
+class _DeltaFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x, coef, plan: SparsePlan, scaling: float):  # type: ignore[override]
+        ctx.save_for_backward(x, coef)
+        ctx.plan, ctx.scaling = plan, scaling
+        delta_t = delta_forward(features_major(x), coef, plan, scaling)
+        return delta_t.t().reshape(*x.shape[:-1], delta_t.shape[0]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        x, coef = ctx.saved_tensors
+        plan, scaling = ctx.plan, ctx.scaling
+        g_analysed = analyse_outputs(grad_out, plan)
+        grad_x = grad_coef = None
+        if ctx.needs_input_grad[0]:
+            grad_x = delta_input_grad(g_analysed, coef, plan, scaling).t().reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_coef = coef_grad(g_analysed, features_major(x), plan, scaling)
+        return grad_x, grad_coef, None, None
+
+
+def waveft_delta(x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
+    """``x dW^T`` (differentiable in ``x`` and ``coef``) without forming ``dW``."""
+    return _DeltaFn.apply(x, coef, plan, float(scaling))
+
+
+def waveft_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    coef: torch.Tensor,
+    plan: SparsePlan,
+    scaling: float,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + x dW^T``, choosing the cheaper exact evaluation (module docstring)."""
+    merged_ok = (
+        weight.dtype in (torch.float32, torch.float64)
+        and x.dtype == weight.dtype
+        and not weight.requires_grad
+        and (bias is None or not bias.requires_grad)
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+    if merged_ok:
+        return _MergedLinearFn.apply(x, coef, weight, bias, plan, float(scaling))
+    return F.linear(x, weight, bias) + waveft_delta(x, coef, plan, scaling)
+
+
+class WaveFTLinear(nn.Module):
+    """A frozen ``nn.Linear`` with ``p`` trainable wavelet coefficients (``coef``, initialised to zeros).
+
+    ``forward(x) = base(x) + strength * x dW^T`` with ``dW = scaling * IDWT2(C)`` and ``C`` holding ``coef``
+    at ``positions`` (default: PEFT's ``sample_positions(out, in, n_frequency, seed)``).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        n_frequency: int,
+        wavelet: str = DEFAULT_WAVELET,
+        scaling: float = DEFAULT_SCALING,
+        seed: int = DEFAULT_SEED,
+        positions: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"WaveFTLinear wraps nn.Linear, got {type(base).__name__}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.wavelet = check_wavelet(wavelet)
+        self.scaling = float(scaling)
+        self.seed = int(seed)
+        self.strength = 1.0
+        out_features, in_features = base.out_features, base.in_features
+        if positions is None:
+            positions = sample_positions(out_features, in_features, n_frequency, seed)
+        else:
+            positions = positions.detach().to(torch.int64).cpu()
+            check_positions(positions, out_features, in_features)
+        if positions.numel() != n_frequency:
+            raise ValueError(f"n_frequency={n_frequency} but {positions.numel()} positions given")
+        self.register_buffer("positions", positions)
+        self.coef = nn.Parameter(torch.zeros(n_frequency, device=base.weight.device))
+        self._plans: dict[torch.device, SparsePlan] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.base.out_features, self.base.in_features
+
+    def plan(self, device: torch.device) -> SparsePlan:
+        if device not in self._plans:
+            self._plans[device] = build_plan(self.positions, self.shape, self.wavelet, device)
+        return self._plans[device]
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense float32 ``dW`` (for inspection and tests; training never forms it)."""
+        return delta_weight(self.coef.detach(), self.positions.to(self.coef.device), self.shape, self.wavelet, self.scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.strength == 0.0:
+            return self.base(x)
+        plan = self.plan(x.device)
+        scale = self.scaling * self.strength
+        return waveft_linear(x, self.base.weight, self.base.bias, self.coef, plan, scale)
+
+    def extra_repr(self) -> str:
+        return f"n_frequency={self.coef.numel()}, wavelet={self.wavelet}, scaling={self.scaling}, seed={self.seed}"
