@@ -20,9 +20,9 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors import safe_open

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from .functional import DEFAULT_SCALING, DEFAULT_WAVELET
 from .positions import DEFAULT_SEED

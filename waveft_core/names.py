@@ -122,7 +122,7 @@ def sdxl_unet_linears() -> dict[str, tuple[int, int]]:
         dim = 640 if depth == 2 else 1280
         for rest, shape in _transformer_linears(dim, depth):
             layers[f"{block}.{rest}"] = shape
-    resnets = {f"input_blocks.{i}.0": c for i, c in zip((1, 2, 4, 5, 7, 8), (320, 320, 640, 640, 1280, 1280))}
+    resnets = {f"input_blocks.{i}.0": c for i, c in zip((1, 2, 4, 5, 7, 8), (320, 320, 640, 640, 1280, 1280), strict=True)}
     resnets.update({"middle_block.0": 1280, "middle_block.2": 1280})
     resnets.update({f"output_blocks.{i}.0": (1280, 640, 320)[i // 3] for i in range(9)})
     for block, channels in resnets.items():

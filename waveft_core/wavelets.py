@@ -24,7 +24,7 @@ import torch
 _FAMILIES = ("haar", "db", "sym", "coif", "dmey")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def supported_wavelets() -> tuple[str, ...]:
     """All discrete orthogonal wavelets PyWavelets knows (haar, db1-db38, sym2-sym20, coif1-coif17, dmey)."""
     names: list[str] = []
@@ -43,7 +43,7 @@ def check_wavelet(name: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _filters_float64(name: str) -> torch.Tensor:
     wavelet = pywt.Wavelet(check_wavelet(name))
     return torch.tensor([wavelet.rec_lo, wavelet.rec_hi], dtype=torch.float64)

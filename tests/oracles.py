@@ -1,0 +1,47 @@
+"""Independent references for WaveFT's dW: PyWavelets' idwt2 and PEFT's own WaveFT code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pywt
+import torch
+
+from waveft_core.wavelets import grid_geometry
+
+
+def padded_grid(coef: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int], wavelet: str) -> np.ndarray:
+    out_features, in_features = shape
+    geometry = grid_geometry(out_features, in_features, wavelet)
+    grid = np.zeros((2 * geometry.half_rows, 2 * geometry.half_cols))
+    rows = positions.numpy() // in_features + geometry.pad_rows
+    cols = positions.numpy() % in_features + geometry.pad_cols
+    grid[rows, cols] = coef.double().numpy()
+    return grid
+
+
+def pywt_delta(coef, positions, shape, wavelet, scaling) -> torch.Tensor:
+    """``s * crop(pywt.idwt2((cA, (cH, cV, cD)), wavelet, mode="zero"))`` on PEFT's padded grid (float64)."""
+    grid = padded_grid(coef, positions, shape, wavelet)
+    h2, w2 = grid.shape[0] // 2, grid.shape[1] // 2
+    bands = (grid[:h2, :w2], (grid[:h2, w2:], grid[h2:, :w2], grid[h2:, w2:]))
+    rebuilt = pywt.idwt2(bands, wavelet, mode="zero") * scaling
+    return torch.from_numpy(rebuilt[: shape[0], : shape[1]].copy())
+
+
+def peft_delta(coef, positions, shape, wavelet, scaling) -> torch.Tensor:
+    """PEFT's WaveFTLayer.get_delta_weight on an nn.Linear with the same positions."""
+    from peft.tuners.waveft.config import WaveFTConfig
+    from peft.tuners.waveft.layer import WaveFTLinear
+
+    out_features, in_features = shape
+    config = WaveFTConfig(n_frequency=coef.numel(), scaling=scaling, wavelet_family=wavelet)
+    layer = WaveFTLinear(torch.nn.Linear(in_features, out_features), "default", config, n_frequency=coef.numel())
+    layer.waveft_indices["default"] = torch.stack([positions // in_features, positions % in_features])
+    with torch.no_grad():
+        layer.waveft_spectrum["default"].copy_(coef)
+    return layer.get_delta_weight("default").detach()
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))

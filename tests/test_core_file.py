@@ -1,0 +1,168 @@
+"""Adapter file v1: round trip, and every kind of broken or hostile file rejected with the key named."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from waveft_core import AdapterFileError, LayerAdapter, layer_from_tensors, load_adapter, save_adapter
+from waveft_core.adapter_file import MAX_WEIGHT_ELEMENTS
+
+PREFIX = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+
+
+def _layer(**overrides) -> LayerAdapter:
+    values = dict(coef=torch.randn(30), shape=(16, 12), scaling=25.0, wavelet="db2", seed=777)
+    values.update(overrides)
+    return LayerAdapter(**values)
+
+
+def _tensors(**replace) -> dict[str, torch.Tensor]:
+    tensors = _layer().tensors(PREFIX)
+    for suffix, value in replace.items():
+        key = f"{PREFIX}.{suffix}"
+        if value is None:
+            tensors.pop(key)
+        else:
+            tensors[key] = value
+    return tensors
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], version: str | None = "1") -> Path:
+    save_file(tensors, str(path), metadata={"waveft_version": version} if version else None)
+    return path
+
+
+def test_round_trip_keeps_dw(tmp_path):
+    layers = {PREFIX: _layer(), "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": _layer(
+        positions=torch.randperm(16 * 12)[:30], seed=None, wavelet="sym4")}
+    path = save_adapter(tmp_path / "subject.safetensors", layers, {"waveft_steps": "500"})
+    loaded = load_adapter(path)
+    assert sorted(loaded.layers) == sorted(layers)
+    for prefix, layer in layers.items():
+        torch.testing.assert_close(loaded.layers[prefix].delta_weight(), layer.delta_weight())
+    meta = loaded.metadata
+    assert meta["waveft_version"] == "1" and meta["ss_network_module"] == "waveft"
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_output_name"] == "subject"
+    assert meta["waveft_wavelet"] == "mixed" and meta["waveft_steps"] == "500"
+    assert loaded.num_params == 60
+    assert [p.name for p in tmp_path.iterdir()] == ["subject.safetensors"]  # no temporary left behind
+
+
+def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    import waveft_core.adapter_file as module
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module, "save_file", explode)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(tmp_path / "a.safetensors", {PREFIX: _layer()})
+    assert list(tmp_path.iterdir()) == []
+
+
+BAD_LAYERS = [
+    ({"waveft_coef": torch.randn(30, dtype=torch.float64)}, "waveft_coef: expected torch.float32"),
+    ({"waveft_coef": torch.full((30,), float("nan"))}, "NaN or Inf"),
+    ({"waveft_coef": torch.tensor([1.0, float("inf")])}, "NaN or Inf"),
+    ({"waveft_coef": torch.randn(16 * 12 + 1)}, "coefficients for a 16x12"),
+    ({"waveft_shape": torch.tensor([16, 12, 1])}, "expected 2 values"),
+    ({"waveft_shape": torch.tensor([-16, 12])}, "implausible weight shape"),
+    ({"waveft_shape": torch.tensor([1 << 20, 1 << 20])}, "implausible weight shape"),
+    ({"waveft_wavelet": torch.tensor(list(b"db99"), dtype=torch.uint8)}, "unknown wavelet"),
+    ({"waveft_wavelet": torch.tensor([255, 254], dtype=torch.uint8)}, "waveft_wavelet"),
+    ({"waveft_scale": torch.tensor(float("nan"))}, "waveft_scale: not finite"),
+    ({"waveft_seed": None}, "exactly one of"),
+    ({"waveft_pos": torch.arange(30)}, "exactly one of"),
+    ({"waveft_seed": None, "waveft_pos": torch.arange(29)}, "29 positions for 30"),
+    ({"waveft_seed": None, "waveft_pos": torch.tensor([0] * 30)}, "duplicated"),
+    ({"waveft_seed": None, "waveft_pos": torch.arange(30) + 16 * 12 - 10}, "out of range"),
+    ({"waveft_seed": torch.tensor(-3)}, "negative seed"),
+    ({"waveft_coef": None}, "waveft_coef: missing"),
+    ({"waveft_alpha": torch.tensor(1.0)}, "unknown WaveFT tensor"),
+]
+
+
+@pytest.mark.parametrize("replace,message", BAD_LAYERS)
+def test_bad_layers_rejected_naming_the_key(tmp_path, replace, message):
+    tensors = _tensors(**replace)
+    suffixes = {key.rpartition(".")[2]: value for key, value in tensors.items()}
+    with pytest.raises(AdapterFileError, match=message):
+        layer_from_tensors(PREFIX, suffixes)
+    with pytest.raises(AdapterFileError, match=PREFIX if "unknown WaveFT" not in message else "not a WaveFT"):
+        load_adapter(_write(tmp_path / "bad.safetensors", tensors))
+
+
+def test_hostile_shape_is_rejected_before_allocation(tmp_path):
+    """A shape of 2^40 elements with a seed would make randperm allocate terabytes: refused up front."""
+    tensors = _tensors(waveft_shape=torch.tensor([1 << 20, 1 << 20]))
+    with pytest.raises(AdapterFileError, match="implausible"):
+        load_adapter(_write(tmp_path / "huge.safetensors", tensors))
+    assert MAX_WEIGHT_ELEMENTS < (1 << 40)
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _raw_file(path: Path, header: bytes, body: bytes = b"", length: int | None = None) -> Path:
+    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + body)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: _bytes(p, pickle.dumps({"a": 1})), "not a safetensors file"),
+        (lambda p: _bytes(p, b"\x01\x02"), "truncated before the header"),
+        (lambda p: _raw_file(p, b"{}", length=1 << 40), "header of"),
+        (lambda p: _raw_file(p, b"not json"), "bad header"),
+        (lambda p: _raw_file(p, b"[1, 2]"), "header is not an object"),
+        (lambda p: _raw_file(p, json.dumps({f"{PREFIX}.waveft_coef": {"dtype": "F32", "shape": [30],
+                                             "data_offsets": [0, 120]}}).encode(), b"\x00" * 10), "outside the file"),
+    ],
+)
+def test_not_safetensors_or_truncated(tmp_path, make, message):
+    path = make(tmp_path / "x.safetensors")
+    with pytest.raises(AdapterFileError, match=message):
+        load_adapter(path)
+
+
+def test_truncated_real_file(tmp_path):
+    path = save_adapter(tmp_path / "ok.safetensors", {PREFIX: _layer()})
+    data = path.read_bytes()
+    path.write_bytes(data[:-40])
+    with pytest.raises(AdapterFileError, match="truncated or corrupt"):
+        load_adapter(path)
+
+
+@pytest.mark.parametrize("version,message", [(None, "waveft_version is None"), ("2", "waveft_version is '2'")])
+def test_unknown_version(tmp_path, version, message):
+    with pytest.raises(AdapterFileError, match=message):
+        load_adapter(_write(tmp_path / "v.safetensors", _tensors(), version=version))
+
+
+def test_empty_and_foreign_tensors(tmp_path):
+    with pytest.raises(AdapterFileError, match="no WaveFT layers"):
+        load_adapter(_write(tmp_path / "empty.safetensors", {}))
+    foreign = {**_tensors(), "lora_unet_x.lora_up.weight": torch.zeros(2, 2)}
+    with pytest.raises(AdapterFileError, match="lora_unet_x.lora_up.weight: not a WaveFT tensor"):
+        load_adapter(_write(tmp_path / "mixed.safetensors", foreign))
+
+
+def test_header_dtype_checked_before_reading(tmp_path):
+    tensors = _tensors(waveft_shape=torch.tensor([16.0, 12.0]))
+    with pytest.raises(AdapterFileError, match="waveft_shape: expected dtype I64"):
+        load_adapter(_write(tmp_path / "f.safetensors", tensors))
+
+
+def test_add_to_checks_model_shape():
+    with pytest.raises(AdapterFileError, match=r"\(16, 12\) weight, the model's is \(12, 16\)"):
+        _layer().add_to_(torch.zeros(12, 16))

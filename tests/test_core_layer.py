@@ -1,0 +1,163 @@
+"""WaveFTLinear and attach/detach: outputs and gradients equal the dense formula, on both code paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracles import rel_error
+
+from waveft_core import (
+    WaveFTConfig,
+    WaveFTLinear,
+    attach_waveft,
+    delta_weight,
+    detach_waveft,
+    export_layers,
+    proportional_budgets,
+)
+
+CASES = [  # (out, in, n, wavelet, weight dtype, base trainable) -- the last two pick the code path
+    (64, 48, 100, "db1", torch.float32, False),  # merged weight
+    (33, 17, 60, "db4", torch.float32, False),
+    (1, 9, 3, "sym3", torch.float32, False),
+    (64, 48, 100, "db1", torch.float32, True),  # activation side (base trainable)
+    (33, 17, 60, "coif2", torch.float64, True),
+    (640, 640, 2592, "db1", torch.float32, False),
+]
+
+
+def _dense_reference(layer: WaveFTLinear, x: torch.Tensor, grad: torch.Tensor):
+    coef = layer.coef.detach().double().requires_grad_(True)
+    positions, shape = layer.positions, layer.shape
+    # dW is linear in coef: dW = sum_k coef_k * dW(e_k) -- built densely, float64, with autograd.
+    basis = torch.stack([delta_weight(torch.eye(coef.numel())[k], positions, shape, layer.wavelet, layer.scaling)
+                         for k in range(coef.numel())]).double() if coef.numel() <= 100 else None
+    if basis is None:
+        dense = delta_weight(layer.coef.detach(), positions, shape, layer.wavelet, layer.scaling).double()
+        x64 = x.detach().double().requires_grad_(True)
+        y = x64 @ (layer.base.weight.double() + dense).T + layer.base.bias.double()
+        y.backward(grad.double())
+        grad_w = grad.double().reshape(-1, shape[0]).T @ x.detach().double().reshape(-1, shape[1])
+        from waveft_core.functional import coef_grad_from_weight_grad, patch_layout
+        layout = patch_layout(positions, shape, layer.wavelet)
+        return y, x64.grad, coef_grad_from_weight_grad(grad_w, layout, layer.wavelet, layer.scaling)
+    x64 = x.detach().double().requires_grad_(True)
+    dense = torch.einsum("k,koi->oi", coef, basis)
+    y = x64 @ (layer.base.weight.double() + dense).T + layer.base.bias.double()
+    y.backward(grad.double())
+    return y, x64.grad, coef.grad
+
+
+@pytest.mark.parametrize("out_features,in_features,n,wavelet,dtype,trainable", CASES)
+def test_output_and_gradients_match_dense(out_features, in_features, n, wavelet, dtype, trainable):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(in_features, out_features).to(dtype)
+    layer = WaveFTLinear(base, n, wavelet)
+    base.requires_grad_(trainable)
+    with torch.no_grad():
+        layer.coef.normal_()
+    x = torch.randn(3, 5, in_features, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref, gx_ref, gc_ref = _dense_reference(layer, x, grad)
+    assert rel_error(y, y_ref) <= 1e-5
+    assert rel_error(x.grad, gx_ref) <= 1e-5
+    assert rel_error(layer.coef.grad, gc_ref) <= 1e-5
+
+
+def test_zero_init_is_a_no_op_and_base_is_frozen():
+    base = torch.nn.Linear(12, 10)
+    layer = WaveFTLinear(base, 20)
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(layer(x), base(x))
+    assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["coef"]
+
+
+def test_half_precision_output_is_exact_up_to_output_rounding():
+    """bf16 weights: the update is computed in float32 from the activations, so the only error left is the
+    final rounding of the output to bf16 (merging into a bf16 ``W + dW`` would lose small updates)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    layer = WaveFTLinear(base, 200, scaling=0.05)
+    with torch.no_grad():
+        layer.coef.normal_()
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    exact = x.float() @ (base.weight.float() + layer.delta_weight()).T + base.bias.float()
+    error = (layer(x).float() - exact).abs()
+    assert error.max() <= exact.abs().max() * 2**-7
+
+
+def test_strength_scales_update():
+    base = torch.nn.Linear(16, 8)
+    layer = WaveFTLinear(base, 30)
+    with torch.no_grad():
+        layer.coef.normal_()
+    x = torch.randn(2, 16)
+    full = layer(x) - base(x)
+    layer.strength = -0.5
+    torch.testing.assert_close(layer(x) - base(x), -0.5 * full, rtol=1e-5, atol=1e-6)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn1 = torch.nn.ModuleDict({"to_q": torch.nn.Linear(8, 8), "to_k": torch.nn.Linear(8, 8)})
+        self.ff = torch.nn.Linear(8, 16)
+
+
+def test_attach_detach_restores_model_exactly():
+    model = _Tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = attach_waveft(model, WaveFTConfig(n_frequency=5, target_pattern=r"attn1\.to_[qk]$"))
+    assert sorted(layers) == ["attn1.to_k", "attn1.to_q"]
+    assert isinstance(model.attn1["to_q"], WaveFTLinear) and isinstance(model.ff, torch.nn.Linear)
+    exported = export_layers(model)
+    assert exported["attn1.to_q"].seed == 777 and exported["attn1.to_q"].positions is None
+    assert detach_waveft(model) == 2
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_attach_with_no_match_leaves_model_untouched():
+    model = _Tiny()
+    with pytest.raises(ValueError, match="no layer matches"):
+        attach_waveft(model, WaveFTConfig(target_pattern="nothing_here"))
+    assert isinstance(model.attn1["to_q"], torch.nn.Linear)
+
+
+@pytest.mark.parametrize("total", [3, 7, 100, 255, 64 + 64 + 128])
+def test_total_budget_is_exact(total):
+    shapes = {"a": (8, 8), "b": (8, 8), "c": (16, 8)}
+    budgets = proportional_budgets(shapes, total)
+    assert sum(budgets.values()) == total
+    assert all(1 <= budgets[n] <= shapes[n][0] * shapes[n][1] for n in shapes)
+
+
+@pytest.mark.parametrize("total,message", [(2, "smaller than the number"), (257, "exceeds")])
+def test_total_budget_out_of_range(total, message):
+    with pytest.raises(ValueError, match=message):
+        proportional_budgets({"a": (8, 8), "b": (8, 8), "c": (16, 8)}, total)
+
+
+def test_budget_overrides_and_validation():
+    config = WaveFTConfig(n_frequency=10, n_frequency_pattern={r"\.ff$": 3})
+    assert config.budgets({"x.attn": (4, 4), "x.ff": (4, 4)}) == {"x.attn": 10, "x.ff": 3}
+    with pytest.raises(ValueError, match="exceeds"):
+        WaveFTConfig(n_frequency=17).budgets({"tiny": (4, 4)})
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"wavelet": "bior1.3"}, "allowed are haar"),
+        ({"n_frequency": 0}, "positive integer"),
+        ({"scaling": float("nan")}, "finite"),
+        ({"seed": -1}, "non-negative"),
+        ({"target_pattern": "("}, "regular expression"),
+        ({"total_budget": 0}, "positive integer"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        WaveFTConfig(**kwargs)

@@ -1,0 +1,120 @@
+"""Conversions between WaveFT files and the outside world: PEFT folders in, merged SDXL checkpoints out.
+
+* ``convert_peft``: a folder saved by PEFT's WaveFT on a diffusers SDXL UNet (``adapter_config.json`` +
+  ``adapter_model.safetensors`` with ``base_model.model.<diffusers path>.waveft_spectrum``) becomes a v1
+  file. PEFT stores neither shapes nor positions; both follow from the SDXL layer table and the config's
+  ``random_loc_seed`` (PEFT's positions are ``sample_positions(out, in, p, seed)``), so ``dW`` is identical.
+* ``bake_checkpoint``: ``W += strength * dW`` for every adapted layer of an SDXL single-file checkpoint
+  (sgm key names). OpenCLIP bigG (text encoder 2) fuses q, k, v into ``attn.in_proj_weight`` and stores
+  ``text_projection`` transposed, so those layers land in a slice / transpose of the stored tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .adapter_file import AdapterFile, AdapterFileError, LayerAdapter, load_adapter, read_header, save_adapter
+from .names import KOHYA_PREFIX, peft_key_to_kohya, sdxl_kohya_table
+
+
+def convert_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike) -> AdapterFile:
+    """Turn a PEFT WaveFT folder (diffusers SDXL UNet) into a v1 file at ``out_path``; returns it."""
+    peft_dir = Path(peft_dir)
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    if str(config.get("peft_type", "")).upper() != "WAVEFT":
+        raise AdapterFileError(f"{peft_dir}: peft_type is {config.get('peft_type')!r}, not WAVEFT")
+    if not config.get("use_idwt", True):
+        raise AdapterFileError(f"{peft_dir}: use_idwt=False adapters (no wavelet transform) are not WaveFT v1")
+    wavelet = str(config.get("wavelet_family", "db1"))
+    scaling = float(config.get("scaling", 25.0))
+    seed = int(config.get("random_loc_seed", 777))
+    table = sdxl_kohya_table()
+    weights = peft_dir / "adapter_model.safetensors"
+    header, _ = read_header(weights)
+    layers: dict[str, LayerAdapter] = {}
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in header:
+            if not key.endswith(".waveft_spectrum"):
+                raise AdapterFileError(f"{weights.name}: {key}: not a WaveFT spectrum tensor")
+            prefix = peft_key_to_kohya(key.removesuffix(".waveft_spectrum"))
+            if prefix is None or prefix not in table:
+                raise AdapterFileError(f"{weights.name}: {key}: not a Linear of the SDXL UNet")
+            coef = handle.get_tensor(key).to(torch.float32)
+            layers[prefix] = LayerAdapter(coef, table[prefix][2], scaling, wavelet, seed=seed)
+    if not layers:
+        raise AdapterFileError(f"{weights.name}: no waveft_spectrum tensors")
+    save_adapter(out_path, layers, {"waveft_converted_from": "peft"})
+    return load_adapter(out_path)
+
+
+def checkpoint_target(prefix: str, shape: tuple[int, int]) -> tuple[str, slice | None, bool]:
+    """Where layer ``prefix`` lives in an SDXL (sgm) checkpoint: (key, row slice or None, stored transposed)."""
+    component = next((c for c, p in KOHYA_PREFIX.items() if prefix.startswith(p)), None)
+    table = sdxl_kohya_table()
+    if component is None or prefix not in table:
+        raise AdapterFileError(f"{prefix}: not an SDXL layer (cannot place it in a checkpoint)")
+    path = table[prefix][1]
+    if component == "unet":
+        return f"model.diffusion_model.{path}.weight", None, False
+    if component == "te1":
+        return f"conditioner.embedders.0.transformer.{path}.weight", None, False
+    return _open_clip_target(path, shape[0])
+
+
+def _open_clip_target(path: str, dim: int) -> tuple[str, slice | None, bool]:
+    base = "conditioner.embedders.1.model"
+    if path == "text_projection":
+        return f"{base}.text_projection", None, True
+    match = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)", path)
+    assert match is not None
+    block, rest = f"{base}.transformer.resblocks.{match.group(1)}", match.group(2)
+    qkv = {"self_attn.q_proj": 0, "self_attn.k_proj": 1, "self_attn.v_proj": 2}
+    if rest in qkv:
+        return f"{block}.attn.in_proj_weight", slice(qkv[rest] * dim, (qkv[rest] + 1) * dim), False
+    renames = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    return f"{block}.{renames[rest]}.weight", None, False
+
+
+def bake_checkpoint(
+    checkpoint: str | os.PathLike, adapter: str | os.PathLike, out_path: str | os.PathLike, strength: float = 1.0
+) -> int:
+    """Write ``checkpoint`` with ``strength * dW`` merged into every adapted weight; returns layers merged.
+
+    Every adapter layer must find its weight with the right shape, else nothing is written.
+    """
+    loaded = load_adapter(adapter)
+    header, metadata = read_header(checkpoint)
+    targets = {prefix: checkpoint_target(prefix, layer.shape) for prefix, layer in loaded.layers.items()}
+    missing = sorted(prefix for prefix, (key, _, _) in targets.items() if key not in header)
+    if missing:
+        raise AdapterFileError(f"{Path(checkpoint).name}: no weight for {len(missing)} adapter layer(s): {missing[:5]}")
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in header}
+    for prefix, (key, rows, transposed) in targets.items():
+        weight = tensors[key][rows] if rows is not None else tensors[key]
+        weight = weight.t() if transposed else weight
+        if tuple(weight.shape) != tuple(loaded.layers[prefix].shape):
+            raise AdapterFileError(f"{prefix}: adapter shape {loaded.layers[prefix].shape} != {key} {tuple(weight.shape)}")
+        loaded.layers[prefix].add_to_(weight, strength)
+    metadata = {**metadata, "waveft_baked": f"{Path(adapter).name}@{strength}"}
+    _atomic_save(tensors, Path(out_path), metadata)
+    return len(targets)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
