@@ -15,6 +15,7 @@ header before any tensor is read, and every error names the offending key.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .functional import add_delta_, delta_weight
+from .functional import PatchIndex, add_delta_, delta_weight, patch_index, patch_layout
 from .layer import waveft_delta
 from .positions import check_positions, sample_positions
 from .sparse_ops import build_plan
@@ -48,6 +49,12 @@ _HEADER_SPEC = {  # suffix -> (safetensors dtype, rank)
 }
 
 
+@functools.lru_cache(maxsize=64)
+def _seeded_patch_index(shape: tuple[int, int], p: int, seed: int, wavelet: str, device: torch.device) -> PatchIndex:
+    positions = sample_positions(shape[0], shape[1], p, seed).to(device)
+    return patch_index(patch_layout(positions, shape, wavelet), wavelet, device)
+
+
 class AdapterFileError(ValueError):
     """A WaveFT file or layer is malformed; the message names the file and key."""
 
@@ -62,7 +69,7 @@ class LayerAdapter:
     wavelet: str
     seed: int | None = None
     positions: torch.Tensor | None = None
-    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_params(self) -> int:
@@ -81,14 +88,25 @@ class LayerAdapter:
         """``weight += strength * dW`` in place (sparse scatter; see :func:`waveft_core.add_delta_`)."""
         if tuple(weight.shape) != tuple(self.shape):
             raise AdapterFileError(f"adapter is for a {self.shape} weight, the model's is {tuple(weight.shape)}")
-        return add_delta_(weight, self.coef, self.flat_positions(), self.wavelet, self.scaling, strength)
+        index = self.patch_index(weight.device)
+        return add_delta_(weight, self.coef, index.flat, self.wavelet, self.scaling, strength, index=index)
+
+    def patch_index(self, device: torch.device) -> PatchIndex:
+        """Scatter geometry on ``device``, shared by all seeded layers of the same shape and budget."""
+        if self.positions is None:
+            return _seeded_patch_index(tuple(self.shape), self.num_params, self.seed, self.wavelet, torch.device(device))
+        key = ("patches", torch.device(device))
+        if key not in self._cache:
+            layout = patch_layout(self.positions.to(device), self.shape, self.wavelet)
+            self._cache[key] = patch_index(layout, self.wavelet, device)
+        return self._cache[key]
 
     def activation_delta(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         """``strength * x dW^T`` from the activations, never forming ``dW`` (bypass-style application)."""
-        if x.device not in self._plans:
-            self._plans[x.device] = build_plan(self.flat_positions(), self.shape, self.wavelet, x.device)
+        if x.device not in self._cache:
+            self._cache[x.device] = build_plan(self.flat_positions(), self.shape, self.wavelet, x.device)
         coef = self.coef.to(x.device)
-        return waveft_delta(x, coef, self._plans[x.device], self.scaling * float(strength))
+        return waveft_delta(x, coef, self._cache[x.device], self.scaling * float(strength))
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {

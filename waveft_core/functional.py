@@ -70,29 +70,39 @@ def patch_layout(positions: torch.Tensor, shape: tuple[int, int], wavelet: str =
     )
 
 
-def _patch_entries(
-    layout: PatchLayout, values: torch.Tensor, wavelet: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows ``[p, L, 1]``, columns ``[p, 1, L]`` and values ``[p, L, L]`` of all patches.
+@dataclass(frozen=True)
+class PatchIndex:
+    """Where every patch lands, precomputed once per layer and device: each ``[p, L, L]``.
 
-    Entries that fall outside the weight get value 0 and index 0, so no data-dependent shapes (and no
-    device sync) are needed.
+    ``taps[k, a, u] = f_{bQ}[a] * f_{bR}[u]`` (0 where the patch leaves the weight), ``rows``/``cols`` the
+    weight entry it paints (0 when clipped), ``flat = rows * in + cols``. ``touched``/``slot`` are the distinct
+    flat entries and each tap's slot among them, for adding into half-precision weights with one rounding.
     """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    flat: torch.Tensor
+    taps: torch.Tensor
+    touched: torch.Tensor
+    slot: torch.Tensor
+
+
+def patch_index(layout: PatchLayout, wavelet: str, device: torch.device | str) -> PatchIndex:
+    """Precompute the scatter of :func:`add_delta_` for ``layout`` (no data-dependent shapes at apply time)."""
     geometry = layout.geometry
-    filters = synthesis_filters(wavelet, values.device)
-    taps = torch.arange(geometry.filter_len, device=values.device)
-    rows = layout.row_start.to(values.device)[:, None] + taps
-    cols = layout.col_start.to(values.device)[:, None] + taps
-    row_filter = filters[layout.row_band.to(values.device)]
-    col_filter = filters[layout.col_band.to(values.device)]
-    patch = values[:, None, None] * row_filter[:, :, None] * col_filter[:, None, :]
-    if geometry.shift or geometry.out_features % 2 or geometry.in_features % 2:
-        row_ok = (rows >= 0) & (rows < geometry.out_features)
-        col_ok = (cols >= 0) & (cols < geometry.in_features)
-        patch = patch * (row_ok[:, :, None] & col_ok[:, None, :])
-        rows = torch.where(row_ok, rows, 0)
-        cols = torch.where(col_ok, cols, 0)
-    return rows[:, :, None], cols[:, None, :], patch
+    filters = synthesis_filters(wavelet, device)
+    steps = torch.arange(geometry.filter_len, device=device)
+    rows = layout.row_start.to(device)[:, None] + steps
+    cols = layout.col_start.to(device)[:, None] + steps
+    row_ok = (rows >= 0) & (rows < geometry.out_features)
+    col_ok = (cols >= 0) & (cols < geometry.in_features)
+    taps = filters[layout.row_band.to(device)][:, :, None] * filters[layout.col_band.to(device)][:, None, :]
+    taps = taps * (row_ok[:, :, None] & col_ok[:, None, :])
+    rows = torch.where(row_ok, rows, 0)[:, :, None].expand_as(taps).contiguous()
+    cols = torch.where(col_ok, cols, 0)[:, None, :].expand_as(taps).contiguous()
+    flat = rows * geometry.in_features + cols
+    touched, slot = torch.unique(flat, return_inverse=True)
+    return PatchIndex(rows, cols, flat, taps, touched, slot)
 
 
 def add_delta_(
@@ -102,31 +112,35 @@ def add_delta_(
     wavelet: str = DEFAULT_WAVELET,
     scaling: float = DEFAULT_SCALING,
     strength: float = 1.0,
-    layout: PatchLayout | None = None,
+    index: PatchIndex | None = None,
 ) -> torch.Tensor:
     """``weight += strength * s * IDWT2(C)`` in place, as a scatter-add of ``p`` patches of ``L x L``.
 
-    Works for any floating dtype and device; the patches are summed in float32 and rounded into ``weight``
-    once per touched entry, so the result equals ``weight += strength * delta_weight(...)``. Returns ``weight``.
+    Works for any floating dtype, layout and device. Half-precision weights get the patches summed in
+    float32 and rounded once per touched entry, so the result equals ``weight += strength * delta_weight()``.
+    ``index`` (from :func:`patch_index`) skips the geometry work when a layer is applied repeatedly.
+    Returns ``weight``.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
-    if layout is None:
-        layout = patch_layout(positions, tuple(weight.shape), wavelet)
-    values = coef.detach().to(device=weight.device, dtype=torch.float32) * (float(scaling) * float(strength))
-    rows, cols, patch = _patch_entries(layout, values, wavelet)
-    rows, cols = rows.expand_as(patch).reshape(-1), cols.expand_as(patch).reshape(-1)
-    if weight.dtype == torch.float32:
-        weight.index_put_((rows, cols), patch.reshape(-1), accumulate=True)
-        return weight
-    flat = rows * weight.shape[1] + cols
-    touched, slot = torch.unique(flat, return_inverse=True)
-    summed = torch.zeros(touched.numel(), device=weight.device, dtype=torch.float32)
-    summed.index_add_(0, slot, patch.reshape(-1))
-    touched_rows = torch.div(touched, weight.shape[1], rounding_mode="floor")
-    touched_cols = touched % weight.shape[1]
-    current = weight[touched_rows, touched_cols].to(torch.float32)
-    weight[touched_rows, touched_cols] = (current + summed).to(weight.dtype)
+    if index is None:
+        index = patch_index(patch_layout(positions, tuple(weight.shape), wavelet), wavelet, weight.device)
+    values = index.taps * (coef.detach().to(weight.device, torch.float32) * (float(scaling) * float(strength)))[:, None, None]
+    if weight.dtype == torch.float32 and weight.is_contiguous():
+        weight.view(-1).index_add_(0, index.flat.view(-1), values.view(-1))
+    elif weight.dtype == torch.float32:
+        weight.index_put_((index.rows.view(-1), index.cols.view(-1)), values.view(-1), accumulate=True)
+    else:
+        summed = torch.zeros(index.touched.numel(), device=weight.device, dtype=torch.float32)
+        summed.index_add_(0, index.slot.view(-1), values.view(-1))
+        if weight.is_contiguous():
+            flat = weight.view(-1)
+            current = flat.index_select(0, index.touched).to(torch.float32)
+            flat.index_copy_(0, index.touched, (current + summed).to(weight.dtype))
+        else:
+            rows = torch.div(index.touched, weight.shape[1], rounding_mode="floor")
+            cols = index.touched % weight.shape[1]
+            weight[rows, cols] = (weight[rows, cols].to(torch.float32) + summed).to(weight.dtype)
     return weight
 
 
@@ -145,8 +159,7 @@ def delta_weight(
 def coef_grad_from_weight_grad(
     grad_weight: torch.Tensor, layout: PatchLayout, wavelet: str, scaling: float
 ) -> torch.Tensor:
-    """Adjoint of :func:`add_delta_`: ``dL/dc_k = s * <patch_k, dL/dW>`` (for tests and small layers)."""
-    ones = torch.ones(layout.row_start.numel(), device=grad_weight.device, dtype=torch.float32)
-    rows, cols, patch = _patch_entries(layout, ones, wavelet)
-    picked = grad_weight.to(torch.float32)[rows.expand_as(patch), cols.expand_as(patch)]
-    return (picked * patch).sum(dim=(1, 2)) * float(scaling)
+    """Adjoint of :func:`add_delta_`: ``dL/dc_k = s * <patch_k, dL/dW>`` (a reference for tests)."""
+    index = patch_index(layout, wavelet, grad_weight.device)
+    picked = grad_weight.to(torch.float32)[index.rows, index.cols]
+    return (picked * index.taps).sum(dim=(1, 2)) * float(scaling)

@@ -36,7 +36,7 @@ from .wavelets import check_wavelet
 
 def _merged_weight(weight: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
     merged = weight.detach().clone()
-    return add_delta_(merged, coef, torch.empty(0), plan.wavelet, scaling, layout=plan.layout)
+    return add_delta_(merged, coef, torch.empty(0), plan.wavelet, scaling, index=plan.patches)
 
 
 class _MergedLinearFn(torch.autograd.Function):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .functional import PatchLayout, patch_layout
+from .functional import PatchIndex, PatchLayout, patch_index, patch_layout
 from .wavelets import synthesis_filters
 
 
@@ -69,6 +69,7 @@ class SparsePlan:
     bt_crow: torch.Tensor
     bt_col: torch.Tensor
     bt_order: torch.Tensor
+    patches: PatchIndex  # for merging dW into a weight copy
 
     @property
     def b_shape(self) -> tuple[int, int]:
@@ -94,7 +95,10 @@ def build_plan(positions: torch.Tensor, shape: tuple[int, int], wavelet: str, de
     rows, cols = layout.synth_row, layout.synth_col
     b_crow, b_col, b_order = _csr_structure(rows, cols, 2 * g.half_rows)
     bt_crow, bt_col, bt_order = _csr_structure(cols, rows, 2 * g.half_cols)
-    return SparsePlan(layout, wavelet, s_r, s_r_t, s_c, s_c_t, b_crow, b_col, b_order, bt_crow, bt_col, bt_order)
+    patches = patch_index(layout, wavelet, device)
+    return SparsePlan(
+        layout, wavelet, s_r, s_r_t, s_c, s_c_t, b_crow, b_col, b_order, bt_crow, bt_col, bt_order, patches
+    )
 
 
 def _spmm(csr: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:

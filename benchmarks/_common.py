@@ -1,0 +1,29 @@
+"""Shared benchmark helpers: median wall time of repeated runs, ratio printing."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def median_seconds(run: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def report(title: str, baseline_name: str, results: dict[str, float]) -> None:
+    baseline = results[baseline_name]
+    print(f"\n{title}")
+    for name, seconds in results.items():
+        print(f"  {name:<38} {seconds * 1e3:10.1f} ms   {seconds / baseline:6.2f}x {baseline_name}")
