@@ -66,6 +66,23 @@ def test_output_and_gradients_match_dense(out_features, in_features, n, wavelet,
     assert rel_error(layer.coef.grad, gc_ref) <= 1e-5
 
 
+@pytest.mark.parametrize("inference_weights", [False, True])
+def test_base_weight_is_bit_identical_after_training_steps(inference_weights):
+    """The weight-side path patches W in place and must restore it exactly (inference tensors get a copy)."""
+    torch.manual_seed(0)
+    with torch.inference_mode(inference_weights):
+        base = torch.nn.Linear(48, 64)
+    original = base.weight.detach().clone()
+    layer = WaveFTLinear(base, 300, "db2")
+    optimizer = torch.optim.SGD([layer.coef], lr=0.1)
+    for _ in range(3):
+        x = torch.randn(5, 48, requires_grad=True)
+        layer(x).pow(2).sum().backward()
+        optimizer.step()
+    assert layer.coef.abs().sum() > 0
+    assert torch.equal(base.weight.detach(), original)
+
+
 def test_zero_init_is_a_no_op_and_base_is_frozen():
     base = torch.nn.Linear(12, 10)
     layer = WaveFTLinear(base, 20)

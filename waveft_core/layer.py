@@ -2,9 +2,9 @@
 
 Two exact ways to evaluate it, both with a custom backward that never forms a dense ``dW`` gradient:
 
-* weight-side (float32/float64 base weights, no autocast): the forward multiplies by ``W + dW`` -- a copy of
-  ``W`` plus a scatter of ``p`` patches, far cheaper than touching the activations again -- and the backward
-  reuses that merged weight for ``dL/dx``;
+* weight-side (float32/float64 base weights, no autocast): the forward multiplies by ``W + dW`` -- ``W``
+  patched in place by a scatter of ``p`` patches and restored exactly afterwards, far cheaper than touching
+  the activations again -- and the backward does the same for ``dL/dx``;
 * activation-side (half-precision weights, autocast, or a trainable base): ``base(x)`` plus ``x dW^T`` from
   the sparse factors in :mod:`waveft_core.sparse_ops`, kept in float32 so a small ``dW`` is not lost to
   bf16 rounding of ``W + dW``.
@@ -14,6 +14,7 @@ Either way ``dL/dc`` is the sampled product of :func:`waveft_core.sparse_ops.coe
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -25,36 +26,54 @@ from .positions import DEFAULT_SEED, check_positions, sample_positions
 from .sparse_ops import (
     SparsePlan,
     analyse_outputs,
+    analyse_inputs,
     build_plan,
     coef_grad,
     delta_forward,
     delta_input_grad,
-    features_major,
 )
 from .wavelets import check_wavelet
 
 
-def _merged_weight(weight: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
-    merged = weight.detach().clone()
-    return add_delta_(merged, coef, torch.empty(0), plan.wavelet, scaling, index=plan.patches)
+@contextmanager
+def _patched_weight(weight: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float):
+    """Yield ``W + dW`` by patching ``W`` in place and restoring exactly the touched entries afterwards.
+
+    Copying ``W`` would cost a pass over the whole weight per forward and per backward; the patch touches
+    only ``p L^2`` entries. Weights that cannot be written (inference tensors, strided views) get a copy.
+    """
+    base = weight.detach()
+    if base.is_inference() or not base.is_contiguous():
+        yield add_delta_(base.clone(), coef, torch.empty(0), plan.wavelet, scaling, index=plan.patches)
+        return
+    flat, touched = base.view(-1), plan.patches.touched
+    saved = flat.index_select(0, touched)
+    try:
+        yield add_delta_(base, coef, touched, plan.wavelet, scaling, index=plan.patches)
+    finally:
+        flat.index_copy_(0, touched, saved)
 
 
 class _MergedLinearFn(torch.autograd.Function):
+    # The weight is kept on ctx, not saved for backward: it is patched and restored in place, which would
+    # trip autograd's version check on a saved tensor although its values are back to the original.
     @staticmethod
     def forward(ctx: Any, x, coef, weight, bias, plan: SparsePlan, scaling: float):  # type: ignore[override]
-        ctx.save_for_backward(x, coef, weight)
-        ctx.plan, ctx.scaling = plan, scaling
-        return F.linear(x, _merged_weight(weight, coef, plan, scaling), bias)
+        ctx.save_for_backward(x, coef)
+        ctx.weight, ctx.plan, ctx.scaling = weight, plan, scaling
+        with _patched_weight(weight, coef, plan, scaling) as merged:
+            return F.linear(x, merged, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        x, coef, weight = ctx.saved_tensors
+        x, coef = ctx.saved_tensors
         plan, scaling = ctx.plan, ctx.scaling
         grad_x = grad_coef = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ _merged_weight(weight, coef, plan, scaling).to(grad_out.dtype)
+            with _patched_weight(ctx.weight, coef, plan, scaling) as merged:
+                grad_x = grad_out @ merged.to(grad_out.dtype)
         if ctx.needs_input_grad[1]:
-            grad_coef = coef_grad(analyse_outputs(grad_out, plan), features_major(x), plan, scaling)
+            grad_coef = coef_grad(analyse_outputs(grad_out, plan), analyse_inputs(x, plan), plan, scaling)
         return grad_x, grad_coef, None, None, None, None
 
 
@@ -63,7 +82,7 @@ class _DeltaFn(torch.autograd.Function):
     def forward(ctx: Any, x, coef, plan: SparsePlan, scaling: float):  # type: ignore[override]
         ctx.save_for_backward(x, coef)
         ctx.plan, ctx.scaling = plan, scaling
-        delta_t = delta_forward(features_major(x), coef, plan, scaling)
+        delta_t = delta_forward(analyse_inputs(x, plan), coef, plan, scaling)
         return delta_t.t().reshape(*x.shape[:-1], delta_t.shape[0]).to(x.dtype)
 
     @staticmethod
@@ -75,7 +94,7 @@ class _DeltaFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = delta_input_grad(g_analysed, coef, plan, scaling).t().reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_coef = coef_grad(g_analysed, features_major(x), plan, scaling)
+            grad_coef = coef_grad(g_analysed, analyse_inputs(x, plan), plan, scaling)
         return grad_x, grad_coef, None, None
 
 

@@ -15,6 +15,7 @@ O(tokens * out * in). The maths is kept in float32 whatever the activations' dty
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,11 @@ class SparsePlan:
         values = coef.to(torch.float32)[self.b_order] * scaling
         return torch.sparse_csr_tensor(self.b_crow, self.b_col, values, self.b_shape)
 
+    def b_pattern(self) -> torch.Tensor:
+        """``B``'s sparsity pattern with unit values, the mask of the sampled gradient product."""
+        ones = torch.ones(self.b_order.numel(), dtype=torch.float32, device=self.b_order.device)
+        return torch.sparse_csr_tensor(self.b_crow, self.b_col, ones, self.b_shape)
+
     def bt_matrix(self, coef: torch.Tensor, scaling: float) -> torch.Tensor:
         values = coef.to(torch.float32)[self.bt_order] * scaling
         rows, cols = self.b_shape
@@ -102,9 +108,9 @@ def build_plan(positions: torch.Tensor, shape: tuple[int, int], wavelet: str, de
 
 
 def _spmm(csr: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """``csr @ dense`` for a contiguous dense operand (addmm into a fresh buffer is the fast CPU path)."""
-    out = torch.zeros(csr.shape[0], dense.shape[1], dtype=dense.dtype, device=dense.device)
-    return torch.addmm(out, csr, dense, beta=0.0)
+    """``csr @ dense`` for a contiguous dense operand; ``beta=0`` ignores the unset buffer (no zero fill)."""
+    out = torch.empty(csr.shape[0], dense.shape[1], dtype=dense.dtype, device=dense.device)
+    return torch.addmm(out, csr, dense, beta=0.0, out=out)
 
 
 def features_major(t: torch.Tensor) -> torch.Tensor:
@@ -112,10 +118,40 @@ def features_major(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).to(torch.float32).t().contiguous()
 
 
-def delta_forward(x_t: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
-    """``(x dW^T)^T`` (``out x T``) from features-major ``x_t`` (``in x T``)."""
-    analysed = _spmm(plan.synth_cols, x_t)
-    mixed = _spmm(plan.b_matrix(coef, scaling), analysed)
+class _RecentAnalyses(threading.local):
+    """``S_c x^T`` of the last few input tensors.
+
+    q, k and v read the same activations, so without this their passes would transpose and analyse one
+    tensor three times. Each entry holds a reference to its source tensor, so that tensor's memory cannot be
+    recycled for another one while the entry lives; the key includes the version counter, so an in-place
+    change is never served stale.
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self.entries: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
+
+    def analyse(self, x: torch.Tensor, synthesis: torch.Tensor) -> torch.Tensor:
+        key = (x.data_ptr(), x._version, tuple(x.shape), x.stride(), x.dtype, x.device, id(synthesis))
+        for source, cached_key, result in self.entries:
+            if cached_key == key and source.data_ptr() == x.data_ptr():
+                return result
+        result = _spmm(synthesis, features_major(x))
+        self.entries = [(x, key, result), *self.entries[: self.size - 1]]
+        return result
+
+
+_RECENT = _RecentAnalyses()
+
+
+def analyse_inputs(x: torch.Tensor, plan: SparsePlan) -> torch.Tensor:
+    """``S_c x^T`` (``2 W2 x T``) for input activations ``x`` (``..., in``); reused across q, k, v."""
+    return _RECENT.analyse(x.detach(), plan.synth_cols)
+
+
+def delta_forward(x_analysed: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
+    """``(x dW^T)^T`` (``out x T``) from ``S_c x^T`` (``2 W2 x T``)."""
+    mixed = _spmm(plan.b_matrix(coef, scaling), x_analysed)
     return _spmm(plan.synth_rows_t, mixed)
 
 
@@ -125,12 +161,9 @@ def delta_input_grad(g_analysed: torch.Tensor, coef: torch.Tensor, plan: SparseP
     return _spmm(plan.synth_cols_t, mixed)
 
 
-def coef_grad(g_analysed: torch.Tensor, x_t: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
+def coef_grad(g_analysed: torch.Tensor, x_analysed: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
     """``dL/dc`` (float32 ``[p]``): one dot product of analysed rows per coefficient (a sampled product)."""
-    x_analysed = _spmm(plan.synth_cols, x_t)
-    ones = torch.ones(plan.b_order.numel(), dtype=torch.float32, device=x_t.device)
-    pattern = torch.sparse_csr_tensor(plan.b_crow, plan.b_col, ones, plan.b_shape)
-    sampled = torch.sparse.sampled_addmm(pattern, g_analysed, x_analysed.t(), beta=0.0).values()
+    sampled = torch.sparse.sampled_addmm(plan.b_pattern(), g_analysed, x_analysed.t(), beta=0.0).values()
     grad = torch.empty_like(sampled)
     grad[plan.b_order] = sampled * scaling
     return grad
