@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
+import os
 import subprocess
 import sys
 import warnings
@@ -73,25 +73,32 @@ def make_step(model: torch.nn.Module, dim: int, tokens: int):
 
 
 def peak_memory_mb(variant: str, dim: int, tokens: int, wavelet: str) -> float:
+    """Peak RSS growth during one step, in a fresh process whose large allocations go straight to the OS
+    (``MALLOC_MMAP_THRESHOLD_``), so the resident set follows live tensors rather than allocator caches."""
     code = (
         "import sys, json; sys.argv=['x']; sys.path.insert(0, 'benchmarks');"
-        "import train_step as t; print(json.dumps(t._measure_peak(%r, %d, %d, %r)))" % (variant, dim, tokens, wavelet)
+        f"import train_step as t; print(json.dumps(t._measure_peak({variant!r}, {dim}, {tokens}, {wavelet!r})))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
 
 
 def _measure_peak(variant: str, dim: int, tokens: int, wavelet: str) -> float:
     torch.set_num_threads(2)
     step = make_step(build(variant, dim, wavelet), dim, tokens)
-    before = max(_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    step()  # one-time work (plans, caches) is not a step's peak
+    with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM (the peak RSS) to the current RSS
+        handle.write("5")
+    before = _status_mb("VmRSS")
     step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    return _status_mb("VmHWM") - before
 
 
 def main() -> None:

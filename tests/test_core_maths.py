@@ -40,6 +40,12 @@ def test_positions_cached_per_shape():
     assert _cached_positions.cache_info().misses == 4  # SDXL attention has four distinct shapes
 
 
+def test_cache_keeps_only_the_positions_not_the_permutation():
+    _cached_positions.cache_clear()
+    cached = _cached_positions(1280, 2048, 2592, 777)
+    assert cached.untyped_storage().nbytes() == 2592 * 8
+
+
 def test_cached_positions_cannot_be_corrupted_by_callers():
     first = sample_positions(8, 8, 5)
     first.zero_()

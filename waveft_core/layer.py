@@ -9,7 +9,7 @@ Two exact ways to evaluate it, both with a custom backward that never forms a de
   the sparse factors in :mod:`waveft_core.sparse_ops`, kept in float32 so a small ``dW`` is not lost to
   bf16 rounding of ``W + dW``.
 
-Either way ``dL/dc`` is the sampled product of :func:`waveft_core.sparse_ops.coef_grad`.
+Either way ``dL/dc`` is the sampled product of :func:`waveft_core.sparse_ops.delta_backward`.
 """
 
 from __future__ import annotations
@@ -23,15 +23,7 @@ from torch import nn
 
 from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight
 from .positions import DEFAULT_SEED, check_positions, sample_positions
-from .sparse_ops import (
-    SparsePlan,
-    analyse_outputs,
-    analyse_inputs,
-    build_plan,
-    coef_grad,
-    delta_forward,
-    delta_input_grad,
-)
+from .sparse_ops import SparsePlan, build_plan, delta_backward, delta_forward
 from .wavelets import check_wavelet
 
 
@@ -54,6 +46,10 @@ def _patched_weight(weight: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, 
         flat.index_copy_(0, touched, saved)
 
 
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
 class _MergedLinearFn(torch.autograd.Function):
     # The weight is kept on ctx, not saved for backward: it is patched and restored in place, which would
     # trip autograd's version check on a saved tensor although its values are back to the original.
@@ -69,11 +65,11 @@ class _MergedLinearFn(torch.autograd.Function):
         x, coef = ctx.saved_tensors
         plan, scaling = ctx.plan, ctx.scaling
         grad_x = grad_coef = None
+        if ctx.needs_input_grad[1]:  # first, so its temporaries are gone before grad_x is allocated
+            grad_coef, _ = delta_backward(_tokens(grad_out), _tokens(x), coef, plan, scaling, input_grad=False)
         if ctx.needs_input_grad[0]:
             with _patched_weight(ctx.weight, coef, plan, scaling) as merged:
                 grad_x = grad_out @ merged.to(grad_out.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_coef = coef_grad(analyse_outputs(grad_out, plan), analyse_inputs(x, plan), plan, scaling)
         return grad_x, grad_coef, None, None, None, None
 
 
@@ -82,20 +78,18 @@ class _DeltaFn(torch.autograd.Function):
     def forward(ctx: Any, x, coef, plan: SparsePlan, scaling: float):  # type: ignore[override]
         ctx.save_for_backward(x, coef)
         ctx.plan, ctx.scaling = plan, scaling
-        delta_t = delta_forward(analyse_inputs(x, plan), coef, plan, scaling)
-        return delta_t.t().reshape(*x.shape[:-1], delta_t.shape[0]).to(x.dtype)
+        delta = delta_forward(_tokens(x), coef, plan, scaling)
+        return delta.reshape(*x.shape[:-1], delta.shape[-1]).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
         x, coef = ctx.saved_tensors
-        plan, scaling = ctx.plan, ctx.scaling
-        g_analysed = analyse_outputs(grad_out, plan)
-        grad_x = grad_coef = None
-        if ctx.needs_input_grad[0]:
-            grad_x = delta_input_grad(g_analysed, coef, plan, scaling).t().reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_coef = coef_grad(g_analysed, analyse_inputs(x, plan), plan, scaling)
-        return grad_x, grad_coef, None, None
+        grad_coef, grad_x = delta_backward(
+            _tokens(grad_out), _tokens(x), coef, ctx.plan, ctx.scaling, input_grad=ctx.needs_input_grad[0]
+        )
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        return grad_x, grad_coef if ctx.needs_input_grad[1] else None, None, None
 
 
 def waveft_delta(x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:

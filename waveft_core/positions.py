@@ -17,9 +17,8 @@ DEFAULT_SEED = 777
 @functools.lru_cache(maxsize=256)
 def _cached_positions(out_features: int, in_features: int, n: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    flat = torch.randperm(out_features * in_features, generator=generator)[:n]
-    flat.requires_grad_(False)
-    return flat
+    # clone: a slice is a view that would keep the whole out*in permutation alive in the cache
+    return torch.randperm(out_features * in_features, generator=generator)[:n].clone()
 
 
 def sample_positions(out_features: int, in_features: int, n: int, seed: int = DEFAULT_SEED) -> torch.Tensor:

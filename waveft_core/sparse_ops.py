@@ -15,7 +15,6 @@ O(tokens * out * in). The maths is kept in float32 whatever the activations' dty
 from __future__ import annotations
 
 import functools
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -114,61 +113,57 @@ def _spmm(csr: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
 
 
 def features_major(t: torch.Tensor) -> torch.Tensor:
-    """``(..., F)`` activations as a contiguous float32 ``F x tokens`` matrix."""
-    return t.reshape(-1, t.shape[-1]).to(torch.float32).t().contiguous()
+    """``(T, F)`` activations as a contiguous float32 ``F x T`` matrix."""
+    return t.to(torch.float32).t().contiguous()
 
 
-class _RecentAnalyses(threading.local):
-    """``S_c x^T`` of the last few input tensors.
+def token_chunks(tokens: int, plan: SparsePlan) -> range:
+    """Chunk starts over the tokens, so each features-major temporary holds at most ~``CHUNK_ELEMENTS``.
 
-    q, k and v read the same activations, so without this their passes would transpose and analyse one
-    tensor three times. Each entry holds a reference to its source tensor, so that tensor's memory cannot be
-    recycled for another one while the entry lives; the key includes the version counter, so an in-place
-    change is never served stale.
+    The transposed copies and analyses are memory the frozen base does not need; chunking keeps that extra
+    peak to a few MB whatever the resolution, at the price of a few more (cheap) kernel launches.
     """
-
-    def __init__(self, size: int = 2) -> None:
-        self.size = size
-        self.entries: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
-
-    def analyse(self, x: torch.Tensor, synthesis: torch.Tensor) -> torch.Tensor:
-        key = (x.data_ptr(), x._version, tuple(x.shape), x.stride(), x.dtype, x.device, id(synthesis))
-        for source, cached_key, result in self.entries:
-            if cached_key == key and source.data_ptr() == x.data_ptr():
-                return result
-        result = _spmm(synthesis, features_major(x))
-        self.entries = [(x, key, result), *self.entries[: self.size - 1]]
-        return result
+    g = plan.layout.geometry
+    widest = max(2 * g.half_rows, 2 * g.half_cols)
+    return range(0, tokens, max(64, CHUNK_ELEMENTS // widest))
 
 
-_RECENT = _RecentAnalyses()
+CHUNK_ELEMENTS = 1 << 18
 
 
-def analyse_inputs(x: torch.Tensor, plan: SparsePlan) -> torch.Tensor:
-    """``S_c x^T`` (``2 W2 x T``) for input activations ``x`` (``..., in``); reused across q, k, v."""
-    return _RECENT.analyse(x.detach(), plan.synth_cols)
+def delta_forward(x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
+    """``x dW^T`` (float32, ``(T, out)``) for activations ``x`` flattened to ``(T, in)``."""
+    g = plan.layout.geometry
+    out = torch.empty(x.shape[0], g.out_features, dtype=torch.float32, device=x.device)
+    b_matrix = plan.b_matrix(coef, scaling)
+    step = token_chunks(x.shape[0], plan).step
+    for start in token_chunks(x.shape[0], plan):
+        analysed = _spmm(plan.synth_cols, features_major(x[start : start + step]))
+        out[start : start + step] = _spmm(plan.synth_rows_t, _spmm(b_matrix, analysed)).t()
+    return out
 
 
-def delta_forward(x_analysed: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
-    """``(x dW^T)^T`` (``out x T``) from ``S_c x^T`` (``2 W2 x T``)."""
-    mixed = _spmm(plan.b_matrix(coef, scaling), x_analysed)
-    return _spmm(plan.synth_rows_t, mixed)
+def delta_backward(
+    grad: torch.Tensor, x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float, input_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dL/dc`` (float32 ``[p]``) and, if ``input_grad``, ``g dW`` (float32 ``(T, in)``).
 
-
-def delta_input_grad(g_analysed: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
-    """``(g dW)^T`` (``in x T``) from ``S_r g^T`` (``2 H2 x T``)."""
-    mixed = _spmm(plan.bt_matrix(coef, scaling), g_analysed)
-    return _spmm(plan.synth_cols_t, mixed)
-
-
-def coef_grad(g_analysed: torch.Tensor, x_analysed: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
-    """``dL/dc`` (float32 ``[p]``): one dot product of analysed rows per coefficient (a sampled product)."""
-    sampled = torch.sparse.sampled_addmm(plan.b_pattern(), g_analysed, x_analysed.t(), beta=0.0).values()
-    grad = torch.empty_like(sampled)
-    grad[plan.b_order] = sampled * scaling
-    return grad
-
-
-def analyse_outputs(g: torch.Tensor, plan: SparsePlan) -> torch.Tensor:
-    """``S_r g^T`` (``2 H2 x T``) for output-side activations or gradients ``g`` (``..., out``)."""
-    return _spmm(plan.synth_rows, features_major(g))
+    ``grad`` and ``x`` are flattened to ``(T, out)`` and ``(T, in)``. Per token chunk:
+    ``dL/dc_k += s * sum_t (S_r g^T)[r_k, t] (S_c x^T)[c_k, t]`` -- one sampled dot product per coefficient.
+    """
+    g = plan.layout.geometry
+    sampled = torch.zeros(plan.b_order.numel(), dtype=torch.float32, device=x.device)
+    grad_x = torch.empty(x.shape[0], g.in_features, dtype=torch.float32, device=x.device) if input_grad else None
+    pattern = plan.b_pattern()
+    bt_matrix = plan.bt_matrix(coef, scaling) if input_grad else None
+    step = token_chunks(x.shape[0], plan).step
+    for start in token_chunks(x.shape[0], plan):
+        g_analysed = _spmm(plan.synth_rows, features_major(grad[start : start + step]))
+        x_analysed = _spmm(plan.synth_cols, features_major(x[start : start + step]))
+        sampled += torch.sparse.sampled_addmm(pattern, g_analysed, x_analysed.t(), beta=0.0).values()
+        del x_analysed
+        if grad_x is not None:
+            grad_x[start : start + step] = _spmm(plan.synth_cols_t, _spmm(bt_matrix, g_analysed)).t()
+    grad_coef = torch.empty_like(sampled)
+    grad_coef[plan.b_order] = sampled * scaling
+    return grad_coef, grad_x

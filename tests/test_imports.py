@@ -1,0 +1,54 @@
+"""The three ways the same files are imported: as a host package, as top-level packages, via ``python -m``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from conftest import ROOT
+
+HOST_MODULES = ("comfy", "comfy_api", "folder_paths", "modules", "gradio", "nodes")
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_core_and_trainer_import_no_host_module():
+    result = _run(f"""
+        import sys
+        import waveft_core, trainer
+        leaked = [m for m in {HOST_MODULES!r} if m in sys.modules]
+        assert not leaked, leaked
+    """)
+    assert result.returncode == 0, result.stderr
+
+
+def test_pack_loads_under_any_name_without_comfyui():
+    """ComfyUI imports the folder under its (arbitrary, maybe dashed) name; outside ComfyUI no node loads."""
+    result = _run("""
+        import sys
+        sys.path.insert(0, "tests")
+        from conftest import load_pack
+        pack = load_pack("ComfyUI-WaveFT-main")
+        import importlib
+        core = importlib.import_module("ComfyUI-WaveFT-main.waveft_core")
+        assert core.sample_positions(4, 4, 3).numel() == 3
+        assert not hasattr(pack, "comfy_entrypoint")
+        assert "ComfyUI-WaveFT-main.nodes" not in sys.modules
+    """)
+    assert result.returncode == 0, result.stderr
+
+
+def test_python_dash_m_entry_points():
+    for module in ("waveft_core", "trainer"):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, (module, result.stderr)
+        assert "usage" in result.stdout.lower()
+
+
+def test_requirements_never_name_torch():
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    names = [line.split("=")[0].split(">")[0].split("<")[0].strip().lower() for line in lines if line and line[0] != "#"]
+    assert not {"torch", "torchvision", "torchaudio"} & set(names)
