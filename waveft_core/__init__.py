@@ -21,6 +21,7 @@ from .adapter_file import (
     layer_from_tensors,
     load_adapter,
     save_adapter,
+    save_tensors_atomic,
 )
 from .config import SDXL_ATTENTION_PATTERN, WaveFTConfig, proportional_budgets
 from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight, patch_layout
@@ -39,6 +40,7 @@ __all__ = [
     "layer_from_tensors",
     "load_adapter",
     "save_adapter",
+    "save_tensors_atomic",
     "SDXL_ATTENTION_PATTERN",
     "WaveFTConfig",
     "proportional_budgets",

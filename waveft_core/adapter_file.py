@@ -296,11 +296,20 @@ def save_adapter(
         tensors.update(layer.tensors(prefix))
     meta = default_metadata(layers, path.stem, base_model)
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    return save_tensors_atomic(tensors, path, meta)
+
+
+def save_tensors_atomic(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """``safetensors`` file written to a temporary name in the same folder, then renamed over ``path``:
+    a crash or a full disk never leaves a half-written file under the real name."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        save_file(tensors, temporary, metadata=meta)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=dict(metadata or {}))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -14,14 +14,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .adapter_file import AdapterFile, AdapterFileError, LayerAdapter, load_adapter, read_header, save_adapter
+from .adapter_file import (
+    AdapterFile,
+    AdapterFileError,
+    LayerAdapter,
+    load_adapter,
+    read_header,
+    save_adapter,
+    save_tensors_atomic,
+)
 from .names import KOHYA_PREFIX, peft_key_to_kohya, sdxl_kohya_table
 
 
@@ -105,16 +111,5 @@ def bake_checkpoint(
             raise AdapterFileError(f"{prefix}: adapter shape {loaded.layers[prefix].shape} != {key} {tuple(weight.shape)}")
         loaded.layers[prefix].add_to_(weight, strength)
     metadata = {**metadata, "waveft_baked": f"{Path(adapter).name}@{strength}"}
-    _atomic_save(tensors, Path(out_path), metadata)
+    save_tensors_atomic(tensors, out_path, metadata)
     return len(targets)
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
