@@ -55,6 +55,18 @@ def test_round_trip_keeps_dw(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["subject.safetensors"]  # no temporary left behind
 
 
+def test_saved_file_is_readable_like_any_new_file(tmp_path):
+    """mkstemp creates 0600 files; an adapter in a shared model folder must follow the umask instead."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = save_adapter(tmp_path / "shared.safetensors", {PREFIX: _layer()})
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
     import waveft_core.adapter_file as module
 

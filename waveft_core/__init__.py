@@ -12,6 +12,7 @@ Public API (everything the hosts' glue and the trainer may call):
 This package imports no host code (ComfyUI, A1111, gradio); a test enforces it.
 """
 
+from . import names
 from .adapter_file import (
     FORMAT_VERSION,
     SUFFIXES,
@@ -32,6 +33,7 @@ from .sparse_ops import SparsePlan, build_plan
 from .wavelets import check_wavelet, filter_length, supported_wavelets
 
 __all__ = [
+    "names",
     "FORMAT_VERSION",
     "SUFFIXES",
     "AdapterFile",

@@ -299,6 +299,12 @@ def save_adapter(
     return save_tensors_atomic(tensors, path, meta)
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def save_tensors_atomic(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
@@ -310,6 +316,7 @@ def save_tensors_atomic(
     os.close(handle)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=dict(metadata or {}))
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it owner-only; shared model folders need more
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ O(tokens * out * in). The maths is kept in float32 whatever the activations' dty
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,14 +35,28 @@ def _synthesis_matrix(n: int, half: int, wavelet: str, device: torch.device) -> 
     rows = (band * half + k).expand(2, half, length)
     values = filters[:, None, :].expand(2, half, length)
     keep = (cols >= 0) & (cols < n)
-    coo = torch.sparse_coo_tensor(torch.stack([rows[keep], cols[keep]]), values[keep], (2 * half, n))
-    return coo.coalesce().to_sparse_csr()
+    indices = torch.stack([rows[keep], cols[keep]])
+    coo = torch.sparse_coo_tensor(indices, values[keep], (2 * half, n), check_invariants=False)
+    return _coo_to_csr(coo)
+
+
+def _coo_to_csr(coo: torch.Tensor) -> torch.Tensor:
+    coo = coo.coalesce()
+    crow = torch.ops.aten._convert_indices_from_coo_to_csr(coo.indices()[0], coo.shape[0])
+    return _csr(crow, coo.indices()[1], coo.values(), tuple(coo.shape))
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    # torch warns once per process that CSR support is "beta": noise in a host's console, not a user problem
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 @functools.lru_cache(maxsize=64)
 def _synthesis_pair(n: int, half: int, wavelet: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     matrix = _synthesis_matrix(n, half, wavelet, device)
-    return matrix, matrix.to_sparse_coo().t().coalesce().to_sparse_csr()
+    return matrix, _coo_to_csr(matrix.to_sparse_coo().t())
 
 
 def _csr_structure(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, ...]:
@@ -78,17 +93,17 @@ class SparsePlan:
 
     def b_matrix(self, coef: torch.Tensor, scaling: float) -> torch.Tensor:
         values = coef.to(torch.float32)[self.b_order] * scaling
-        return torch.sparse_csr_tensor(self.b_crow, self.b_col, values, self.b_shape)
+        return _csr(self.b_crow, self.b_col, values, self.b_shape)
 
     def b_pattern(self) -> torch.Tensor:
         """``B``'s sparsity pattern with unit values, the mask of the sampled gradient product."""
         ones = torch.ones(self.b_order.numel(), dtype=torch.float32, device=self.b_order.device)
-        return torch.sparse_csr_tensor(self.b_crow, self.b_col, ones, self.b_shape)
+        return _csr(self.b_crow, self.b_col, ones, self.b_shape)
 
     def bt_matrix(self, coef: torch.Tensor, scaling: float) -> torch.Tensor:
         values = coef.to(torch.float32)[self.bt_order] * scaling
         rows, cols = self.b_shape
-        return torch.sparse_csr_tensor(self.bt_crow, self.bt_col, values, (cols, rows))
+        return _csr(self.bt_crow, self.bt_col, values, (cols, rows))
 
 
 def build_plan(positions: torch.Tensor, shape: tuple[int, int], wavelet: str, device: torch.device) -> SparsePlan:

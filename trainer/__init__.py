@@ -1,0 +1,34 @@
+"""Host-agnostic WaveFT training engine (imports no ComfyUI / A1111 / gradio module).
+
+Hosts encode images and prompts themselves, then call::
+
+    data = TrainingData(latents=[...], conds=[{...}], instance_prompt="a photo of zjw dog")
+    result = train_waveft(unet, denoise, data, TrainSettings(steps=500),
+                          name_to_prefix=lambda n: kohya_name("unet", n),  # waveft_core.names
+                          output_path="models/waveft/zjw.safetensors",
+                          progress=bar_update, should_stop=interrupted)
+
+Public API: :class:`TrainSettings`, :class:`TrainingData`, :func:`train_waveft`, :class:`TrainResult`,
+:class:`TrainingStopped`, :class:`NonFiniteLossError`, :func:`plot_losses`, :class:`TextProgress`,
+:func:`state_path`. ``python -m trainer demo`` runs the whole job on a tiny built-in model.
+"""
+
+from .checkpoint import state_path
+from .data import TrainingData
+from .engine import NonFiniteLossError, TrainingStopped, TrainResult, train_waveft
+from .plot import encode_png, plot_losses
+from .progress import TextProgress
+from .settings import TrainSettings
+
+__all__ = [
+    "NonFiniteLossError",
+    "TextProgress",
+    "TrainResult",
+    "TrainSettings",
+    "TrainingData",
+    "TrainingStopped",
+    "encode_png",
+    "plot_losses",
+    "state_path",
+    "train_waveft",
+]
