@@ -3,7 +3,7 @@
 A module holding 560 ComfyUI ``Linear`` layers (``comfy.ops``; fp16 by default, as SDXL runs on a GPU) sits
 in a ``ModelPatcher``. Each layer gets one patch: the pack's WaveFT adapter (n=2592, db1, seeded positions:
 the file format's default) or ComfyUI's ``LoRAAdapter`` rank 1 -- the same number of parameters. Timed,
-interleaved, median of ``--repeats``:
+interleaved, median of ``--repeats`` (wall clock and process CPU time, which other processes disturb less):
 
 * load-time patching: ``ModelPatcher.patch_weight_to_device`` for every weight (float32 copy, the adapter's
   ``calculate_weight``, rounding back, parameter swap), what ComfyUI does when it loads a model;
@@ -56,7 +56,7 @@ def boot_comfy(path: str):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--n", type=int, default=2592, help="WaveFT coefficients per layer")
     args = parser.parse_args()
     comfy_path = os.environ.get("COMFYUI_PATH")
@@ -94,40 +94,43 @@ def main() -> None:
     patchers["no-op (strength 0)"] = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
     patchers["no-op (strength 0)"].add_patches({k: waveft(s) for k, s in zip(keys, shapes, strict=True)}, 0.0)
 
-    def load_time(patcher) -> float:
-        start = time.perf_counter()
+    def load_time(patcher) -> tuple[float, float]:
+        start = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for key in keys:
                 patcher.patch_weight_to_device(key, device_to=cpu)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start[0], time.process_time() - start[1]
         patcher.unpatch_model()  # restore W for the next run
         return elapsed
 
-    def low_vram(patcher) -> float:
+    def low_vram(patcher) -> tuple[float, float]:
         functions = [comfy.model_patcher.LowVramPatch(key, patcher.patches) for key in keys]
         weights = [layer.weight for layer in model.layers]
-        start = time.perf_counter()
+        start = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for function, weight in zip(functions, weights, strict=True):
                 function(weight.to(dtype, copy=True))  # ComfyUI hands the patch a copy (cast_bias_weight)
-        return time.perf_counter() - start
+        return time.perf_counter() - start[0], time.process_time() - start[1]
 
     print(f"{len(keys)} SDXL attention layers, {sum(o * i for o, i in shapes) / 1e6:.0f} M weights, {args.dtype}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, ComfyUI at {comfy_path}")
     for title, measure in (("load-time patch (patch_weight_to_device)", load_time), ("low-VRAM patch, per forward (LowVramPatch)", low_vram)):
-        times: dict[str, list[float]] = {name: [] for name in patchers}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in patchers}
         for patcher in patchers.values():  # warm-up: positions, patch geometry caches, allocator
             measure(patcher)
         for _ in range(args.repeats):  # interleaved, so background load hits every variant alike
             for name, patcher in patchers.items():
                 times[name].append(measure(patcher))
-        median = {name: statistics.median(values) for name, values in times.items()}
-        print(f"\n{title}")
-        for name, seconds in median.items():
-            print(f"  {name:<22} {seconds * 1e3:9.1f} ms   {seconds / median['LoRA r1']:5.2f}x LoRA r1")
-        extra = {name: median[name] - median["no-op (strength 0)"] for name in ("WaveFT n=2592", "LoRA r1")}
-        print(f"  adapter work alone:    WaveFT {extra['WaveFT n=2592'] * 1e3:.1f} ms, LoRA r1 {extra['LoRA r1'] * 1e3:.1f} ms"
-              f"  ({extra['WaveFT n=2592'] / max(extra['LoRA r1'], 1e-9):.2f}x)")
+        wall = {name: statistics.median(t[0] for t in values) for name, values in times.items()}
+        cpu_s = {name: statistics.median(t[1] for t in values) for name, values in times.items()}
+        print(f"\n{title}: median of {args.repeats}, wall clock | process CPU time")
+        for name in patchers:
+            print(f"  {name:<20} {wall[name] * 1e3:8.1f} ms {wall[name] / wall['LoRA r1']:5.2f}x LoRA r1"
+                  f"  | {cpu_s[name] * 1e3:8.1f} ms {cpu_s[name] / cpu_s['LoRA r1']:5.2f}x LoRA r1")
+        for label, table in (("wall", wall), ("CPU", cpu_s)):
+            own = {name: table[name] - table["no-op (strength 0)"] for name in ("WaveFT n=2592", "LoRA r1")}
+            print(f"  adapter work beyond ComfyUI's own copy/round ({label}): WaveFT {own['WaveFT n=2592'] * 1e3:.1f} ms,"
+                  f" LoRA r1 {own['LoRA r1'] * 1e3:.1f} ms")
     mm.soft_empty_cache()
 
 

@@ -1,0 +1,103 @@
+"""Reading adapter files for the loader nodes: WaveFT v1 files, and PEFT WaveFT folders as they are.
+
+A v1 file is self-describing and goes straight to :func:`waveft_core.load_adapter`. PEFT saves
+``adapter_model.safetensors`` (``base_model.model.<diffusers path>.waveft_spectrum``, coefficients only) next
+to ``adapter_config.json`` (wavelet, scaling, position seed); the layer shapes are the model's own, so such
+a file is read against the model's weights (``shape_of``) and every layer is still validated by
+:func:`waveft_core.layer_from_tensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..waveft_core import AdapterFileError, LayerAdapter, layer_from_tensors, load_adapter
+
+log = logging.getLogger("WaveFT")
+PEFT_SUFFIX = ".waveft_spectrum"
+PEFT_DEFAULTS = {"wavelet_family": "db1", "scaling": 25.0, "random_loc_seed": 777}
+ShapeOf = Callable[[str], "tuple[int, ...] | None"]
+
+
+def is_peft_file(path: str | Path) -> bool:
+    """True if ``path`` holds PEFT WaveFT tensors (``*.waveft_spectrum``) rather than a v1 file."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return any(key.endswith(PEFT_SUFFIX) for key in handle.keys())
+    except Exception as err:  # safetensors refuses anything that is not a well-formed file
+        raise AdapterFileError(f"{Path(path).name}: not a readable safetensors file ({err})") from None
+
+
+def peft_config(path: Path) -> dict:
+    """The WaveFT settings of a PEFT folder (``adapter_config.json`` beside the weights), checked."""
+    config_path = path.parent / "adapter_config.json"
+    if not config_path.is_file():
+        log.warning("[WaveFT] %s: no adapter_config.json beside it; assuming PEFT's defaults %s", path.name, PEFT_DEFAULTS)
+        return dict(PEFT_DEFAULTS)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"{config_path}: unreadable ({err})") from None
+    if not isinstance(config, dict) or str(config.get("peft_type", "WAVEFT")).upper() != "WAVEFT":
+        raise AdapterFileError(f"{config_path}: not a WaveFT adapter config (peft_type {config.get('peft_type')!r})")
+    if not config.get("use_idwt", True):
+        raise AdapterFileError(f"{config_path}: use_idwt=False adapters (no wavelet transform) are not supported")
+    return {**PEFT_DEFAULTS, **{k: config[k] for k in PEFT_DEFAULTS if config.get(k) is not None}}
+
+
+def _peft_tensors(spectrum: torch.Tensor, shape: tuple[int, ...], config: dict) -> dict[str, torch.Tensor]:
+    return {
+        "waveft_coef": spectrum.to(torch.float32) if spectrum.is_floating_point() else spectrum,
+        "waveft_shape": torch.tensor([int(n) for n in shape], dtype=torch.int64),
+        "waveft_scale": torch.tensor(float(config["scaling"]), dtype=torch.float32),
+        "waveft_wavelet": torch.tensor(list(str(config["wavelet_family"]).encode("ascii", "replace")), dtype=torch.uint8),
+        "waveft_seed": torch.tensor(int(config["random_loc_seed"]), dtype=torch.int64),
+    }
+
+
+def read_peft(path: Path, shape_of: ShapeOf) -> tuple[dict[str, LayerAdapter], list[str]]:
+    """Layers of a PEFT WaveFT file whose modules ``shape_of`` knows; also the keys it does not know."""
+    config = peft_config(path)
+    layers: dict[str, LayerAdapter] = {}
+    unknown: list[str] = []
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            if not key.endswith(PEFT_SUFFIX):
+                raise AdapterFileError(f"{path.name}: {key}: not a WaveFT spectrum tensor")
+            prefix = key[: -len(PEFT_SUFFIX)]
+            shape = shape_of(prefix)
+            if shape is None or len(shape) != 2:
+                unknown.append(prefix)
+                continue
+            entry = handle.get_slice(key)  # check size and rank before reading anything
+            numel = 1
+            for n in entry.get_shape():
+                numel *= n
+            if len(entry.get_shape()) != 1 or not 0 < numel <= shape[0] * shape[1]:
+                raise AdapterFileError(f"{path.name}: {key}: {entry.get_shape()} coefficients for a {shape} weight")
+            try:
+                layers[prefix] = layer_from_tensors(prefix, _peft_tensors(handle.get_tensor(key), shape, config))
+            except AdapterFileError as err:
+                raise AdapterFileError(f"{path.name}: {err}") from None
+    return layers, unknown
+
+
+def read_adapter(path: str | Path, shape_of: ShapeOf) -> tuple[dict[str, LayerAdapter], dict[str, str], list[str]]:
+    """``(layers by file prefix, metadata, prefixes that could not be sized)`` of a v1 or PEFT file."""
+    path = Path(path)
+    if is_peft_file(path):
+        layers, unknown = read_peft(path, shape_of)
+        if not layers and unknown:
+            raise AdapterFileError(
+                f"{path.name}: none of its {len(unknown)} PEFT layer(s) match a weight of this model "
+                f"(e.g. {', '.join(unknown[:3])}). Was it trained for another model family?"
+            )
+        return layers, {"waveft_converted_from": "peft"}, unknown
+    adapter = load_adapter(path)
+    return adapter.layers, adapter.metadata, []

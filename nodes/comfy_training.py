@@ -1,0 +1,184 @@
+"""ComfyUI plumbing of WaveFT Train: encode once, prepare the UNet, wrap it for the engine, progress and Cancel.
+
+* Images and prompt are encoded once (VAE, text encoders), then ComfyUI is asked to load only the UNet
+  (``memory_required=1e20`` evicts everything else from the device).
+* Nodes run under ``torch.inference_mode()``: training switches it off, and since a model loaded inside a
+  node holds *inference tensors*, which autograd refuses to save for backward, those parameters are
+  replaced by ordinary copies with the same values (one tensor at a time, so memory peaks at one layer).
+* ComfyUI's EPS / V-prediction UNet, called directly with DDPM inputs ``sqrt(abar) x0 + sqrt(1-abar) eps``
+  and integer timesteps, predicts ``eps`` / ``v``: exactly the engine's convention, once the engine uses the
+  model's own beta schedule.
+* Cancel: ``should_stop`` polls ComfyUI's interrupt flag, and an interrupt raised by the progress hook is
+  turned into ``TrainingStopped``; either way the engine returns the adapter of the last completed step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.utils
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from ..trainer import TrainingData, TrainingStopped
+from ..trainer.diffusion import alphas_cumprod
+from ..waveft_core import WaveFTConfig
+from .images import bucket_images
+
+log = logging.getLogger("WaveFT")
+
+
+def encode_dataset(model: Any, clip: Any, vae: Any, images: Sequence[torch.Tensor], prompt: str, resolution: int) -> TrainingData:
+    """Latents (scaled) and conditioning of every image, bucketed by aspect ratio; plain (non-inference) tensors."""
+    buckets = bucket_images(images, resolution)
+    encoded = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    context, extra = encoded[0][0], encoded[0][1]
+    pooled = extra.get("pooled_output")
+    base = model.model
+    samples: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+    for (height, width), pixels in buckets.items():
+        latents = base.process_latent_in(vae.encode(pixels))
+        cond = {"context": context[0]}
+        if pooled is not None:  # SDXL's size conditioning; encode_adm returns None for models without it
+            y = base.encode_adm(pooled_output=pooled, width=width, height=height, crop_w=0, crop_h=0,
+                                target_width=width, target_height=height)
+            if y is not None:
+                cond["y"] = y[0]
+        samples += [(latent, cond) for latent in latents]
+    with torch.inference_mode(False):  # clones made here are ordinary tensors autograd may use
+        latents = [latent.detach().to("cpu", torch.float32).clone() for latent, _ in samples]
+        conds = [{k: v.detach().to("cpu").clone() for k, v in cond.items()} for _, cond in samples]
+    return TrainingData(latents=latents, conds=conds, instance_prompt=prompt)
+
+
+def schedule(model: Any) -> dict[str, Any]:
+    """``TrainSettings`` fields that make the engine's noise maths the model's own; raises if it cannot."""
+    base = model.model
+    if base.model_type == comfy.model_base.ModelType.EPS:
+        prediction = "epsilon"
+    elif base.model_type == comfy.model_base.ModelType.V_PREDICTION:
+        prediction = "v_prediction"
+    else:
+        raise ValueError(f"WaveFT training supports epsilon / v-prediction models (SDXL, SD1.x), not {base.model_type.name}")
+    sampling = model.get_model_object("model_sampling")
+    start, end, steps = (getattr(sampling, k, None) for k in ("linear_start", "linear_end", "num_timesteps"))
+    if None in (start, end, steps):
+        raise ValueError(f"WaveFT training needs a discrete DDPM noise schedule, not {type(sampling).__name__}")
+    abar = alphas_cumprod(int(steps), float(start), float(end))
+    expected = ((1 - abar) / abar).sqrt().float()
+    if not torch.allclose(sampling.sigmas.detach().cpu().float(), expected, rtol=1e-3):
+        raise ValueError("this model's noise schedule (zero-terminal-SNR or custom betas) is not SDXL's scaled-linear one")
+    return {"prediction_type": prediction, "beta_start": float(start), "beta_end": float(end), "num_train_timesteps": int(steps)}
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
+    if is_param:
+        previous = module._parameters[name]
+        module._parameters[name] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=previous.requires_grad)
+    else:
+        module._buffers[name] = value
+
+
+@contextlib.contextmanager
+def training_unet(model: Any, config: WaveFTConfig) -> Iterator[tuple[nn.Module, torch.dtype]]:
+    """Load ``model`` fully (its patches baked in) and yield ``(diffusion model, compute dtype)`` ready to train.
+
+    Inference-tensor parameters get ordinary copies (kept: same values). The targeted Linears are cast to
+    the compute dtype when a manual-cast model stores them otherwise (restored on exit), because the
+    WaveFT layer multiplies by the weight directly.
+    """
+    mm.load_models_gpu([model], memory_required=1e20, force_full_load=True)
+    base = model.model
+    unet = base.diffusion_model
+    compute = base.manual_cast_dtype or base.get_dtype()
+    stash: list[tuple[nn.Module, str, torch.Tensor]] = []
+    with torch.inference_mode(False):
+        for name, module in unet.named_modules():
+            cast = isinstance(module, nn.Linear) and config.targets(name)
+            for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
+                if tensor is None:
+                    continue
+                is_param = key in module._parameters
+                if cast and tensor.is_floating_point() and tensor.dtype != compute:
+                    stash.append((module, key, tensor))
+                    _replace(module, key, tensor.detach().to(compute, copy=True), is_param)
+                elif tensor.is_inference():
+                    _replace(module, key, tensor.detach().clone(), is_param)
+    try:
+        yield unet, compute
+    finally:
+        for module, key, tensor in stash:
+            _replace(module, key, tensor, key in module._parameters)
+
+
+def make_denoise(unet: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
+    """The engine's ``denoise(noisy, timesteps, cond)`` on ComfyUI's UNet (DDPM convention, see module doc)."""
+
+    def denoise(noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        extra = {"y": cond["y"].to(dtype)} if "y" in cond else {}
+        return unet(noisy.to(dtype), timesteps.float(), context=cond["context"].to(dtype), transformer_options={}, **extra)
+
+    return denoise
+
+
+def checkpointing_hook(unet: nn.Module) -> Callable[[bool], None]:
+    """``set_gradient_checkpointing(on)`` for the engine: recompute each UNet block in the backward pass."""
+    blocks = [m for part in ("input_blocks", "output_blocks") for m in getattr(unet, part, [])]
+    blocks += [unet.middle_block] if hasattr(unet, "middle_block") else []
+
+    saved: dict[nn.Module, Any] = {}
+
+    def wrap(block: nn.Module) -> None:
+        forward = block.forward
+        saved[block] = block.__dict__.get("forward")  # an instance-level forward someone else installed
+
+        def checkpointed(*args: Any, **kwargs: Any) -> Any:
+            return torch.utils.checkpoint.checkpoint(lambda a, k: forward(*a, **k), args, kwargs, use_reentrant=False)
+
+        block.forward = checkpointed
+
+    def hook(enable: bool) -> None:
+        for block in blocks:
+            if enable:
+                wrap(block)
+            elif saved.get(block) is not None:
+                block.forward = saved.pop(block)
+            else:
+                saved.pop(block, None)
+                block.__dict__.pop("forward", None)
+
+    return hook
+
+
+BASE_MODEL_VERSIONS = {"SDXL": "sdxl_base_v1-0", "SDXLRefiner": "sdxl_refiner_v1-0", "SD15": "sd_v1", "SD20": "sd_v2"}
+
+
+def base_model_version(model: Any) -> str:
+    """kohya's ``ss_base_model_version`` of a MODEL (A1111 hides files whose version does not fit)."""
+    name = type(model.model.model_config).__name__
+    return BASE_MODEL_VERSIONS.get(name, name)
+
+
+class Watch:
+    """Progress bar per step and Cancel, in the engine's terms (``progress`` / ``should_stop``)."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = comfy.utils.ProgressBar(total)
+        self.cancelled = False
+
+    def should_stop(self) -> bool:
+        self.cancelled = self.cancelled or mm.processing_interrupted()
+        return self.cancelled
+
+    def progress(self, step: int, total: int, loss: float) -> None:
+        try:
+            self.bar.update_absolute(step, total)  # ComfyUI's hook raises here when Cancel was pressed
+        except mm.InterruptProcessingException:
+            self.cancelled = True
+            raise TrainingStopped from None

@@ -1,0 +1,88 @@
+"""Where adapters live: the ``waveft`` model folder (beside ``loras``), listing, lookup and safe saving.
+
+All functions take ComfyUI's ``folder_paths`` module as an argument, so the logic is tested without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from types import ModuleType
+
+FOLDER = "waveft"
+LORA_FOLDER = "loras"
+SAVE_FOLDERS = (FOLDER, LORA_FOLDER)
+EXTENSIONS = {".safetensors", ".sft"}  # adapters are read as safetensors only: nothing is ever unpickled
+_UNSAFE = re.compile(r"[^A-Za-z0-9._ -]+")
+
+
+def register_folder(folder_paths: ModuleType) -> list[str]:
+    """Make ``models/waveft`` a model folder type (idempotent); returns its search paths.
+
+    ``extra_model_paths.yaml`` is applied before custom nodes load and may already have created the entry,
+    with an empty extension set (ComfyUI's "accept every file"): its paths are kept, first, so saving goes
+    where the user pointed; the default folder is added after them and the extensions are set.
+    """
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    paths = list(folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))[0])
+    if default not in paths:
+        paths.append(default)
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(EXTENSIONS))
+    getattr(folder_paths, "filename_list_cache", {}).pop(FOLDER, None)  # listed with the old extensions
+    return paths
+
+
+def _adapter_like(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in EXTENSIONS
+
+
+def adapter_files(folder_paths: ModuleType) -> list[str]:
+    """Selectable adapters: every file of ``models/waveft``, then the safetensors of ``models/loras``."""
+    own = [n for n in folder_paths.get_filename_list(FOLDER) if _adapter_like(n)]
+    seen = set(own)
+    return own + [n for n in folder_paths.get_filename_list(LORA_FOLDER) if _adapter_like(n) and n not in seen]
+
+
+def resolve(folder_paths: ModuleType, name: str) -> str:
+    """Full path of a listed adapter (``waveft`` folders first, then ``loras``)."""
+    for folder in (FOLDER, LORA_FOLDER):
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    raise FileNotFoundError(f"WaveFT adapter {name!r} is in neither models/{FOLDER} nor models/{LORA_FOLDER}")
+
+
+def safe_stem(name: str) -> str:
+    """A file-name stem from user text: subfolders kept, but no traversal, no odd characters, no extension."""
+    parts = [_UNSAFE.sub("_", part).strip(" .") for part in re.split(r"[\\/]+", name)]
+    parts = [part for part in parts if part and part not in (".", "..")]
+    stem = "/".join(parts) or "waveft"
+    for extension in EXTENSIONS:
+        if stem.lower().endswith(extension):
+            stem = stem[: -len(extension)] or "waveft"
+    return stem
+
+
+def reserve_save_path(folder_paths: ModuleType, folder: str, name: str) -> Path:
+    """Create (empty, exclusively) and return a new ``.safetensors`` path for ``name`` in ``folder``.
+
+    Never overwrites: ``name.safetensors``, else ``name_001.safetensors``, ``name_002``... The caller
+    writes the file over the placeholder (atomically) or deletes it on failure.
+    """
+    if folder not in SAVE_FOLDERS:
+        raise ValueError(f"folder must be one of {SAVE_FOLDERS}, got {folder!r}")
+    base = Path(folder_paths.get_folder_paths(folder)[0]).resolve()
+    stem = safe_stem(name)
+    target = (base / stem).resolve()
+    if os.path.commonpath([base, target]) != str(base):  # defence in depth; safe_stem already prevents it
+        raise ValueError(f"refusing to save outside {base}: {name!r}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for counter in range(0, 100000):
+        candidate = target.parent / (f"{target.name}.safetensors" if counter == 0 else f"{target.name}_{counter:03d}.safetensors")
+        try:
+            with open(candidate, "x"):
+                return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free file name for {stem!r} in {target.parent}")

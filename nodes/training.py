@@ -1,0 +1,145 @@
+"""Training nodes: WaveFT Train (subject / style from a few images) and WaveFT Save.
+
+Node ids are a saved workflow's identity: never rename them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import comfy.model_management as mm
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..trainer import TrainSettings, plot_losses, train_waveft
+from ..waveft_core import SDXL_ATTENTION_PATTERN, AdapterFile, WaveFTConfig, save_adapter, supported_wavelets
+from ..waveft_core.names import kohya_name
+from . import paths
+from .comfy_patching import apply_layers
+from .comfy_training import (
+    Watch,
+    base_model_version,
+    checkpointing_hook,
+    encode_dataset,
+    make_denoise,
+    schedule,
+    training_unet,
+)
+from .loaders import CATEGORY, WaveFT
+
+log = logging.getLogger("WaveFT")
+MAX_SEED = 2**63 - 1
+
+
+def train_settings(model, opt: dict) -> TrainSettings:
+    """The node's widgets as the engine's settings, with the model's own noise schedule and prediction type."""
+    return TrainSettings(
+        steps=opt["steps"], learning_rate=opt["learning_rate"], batch_size=opt["batch_size"],
+        grad_accum=opt["grad_accumulation"], seed=opt["seed"], resolution=opt["resolution"],
+        gradient_checkpointing=opt["gradient_checkpointing"], mixed_precision=opt["precision"],
+        output_name=opt["name"], **schedule(model),
+        waveft=WaveFTConfig(n_frequency=opt["budget"], scaling=opt["scaling"], wavelet=opt["wavelet"],
+                            target_pattern=opt["target_pattern"]),
+    )
+
+
+def save(adapter: AdapterFile, folder: str, name: str) -> Path:
+    """Write ``adapter`` under a new, safe name in ``models/<folder>`` (never overwrites); returns the path."""
+    path = paths.reserve_save_path(folder_paths, folder, name)
+    try:
+        save_adapter(path, adapter.layers, {**adapter.metadata, "ss_output_name": path.stem})
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    log.info("[WaveFT] saved %s", path)
+    return path
+
+
+class WaveFTTrain(io.ComfyNode):
+    """Train a WaveFT adapter on a few images of a subject (or style) with one instance prompt."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WaveFTTrain",
+            display_name="WaveFT Train",
+            category=CATEGORY,
+            description="Train WaveFT wavelet coefficients of the attention layers on your images, then use the trained model.",
+            is_input_list=True,  # IMAGE lists of different sizes become aspect buckets
+            inputs=[
+                io.Model.Input("model", tooltip="The base model to personalise (SDXL)."),
+                io.Clip.Input("clip", tooltip="Encodes the instance prompt once, before training."),
+                io.Vae.Input("vae", tooltip="Encodes the images once, before training."),
+                io.Image.Input("images", tooltip="One or more images (a batch or a list; any sizes)."),
+                io.String.Input("instance_prompt", default="a photo of zjw dog", multiline=True),
+                io.Int.Input("budget", default=2592, min=1, max=1 << 24, tooltip="Trainable coefficients per layer (2592 = LoRA rank 1's size on SDXL)."),
+                io.Combo.Input("wavelet", options=list(supported_wavelets()), default="db1"),
+                io.Float.Input("scaling", default=25.0, min=0.01, max=1000.0, step=0.01),
+                io.Int.Input("steps", default=500, min=1, max=100000),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False),
+                io.Int.Input("batch_size", default=1, min=1, max=64),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=256),
+                io.Int.Input("resolution", default=1024, min=32, max=4096, step=8, tooltip="Images are resized and cropped to about this many pixels squared."),
+                io.Int.Input("seed", default=777, min=0, max=MAX_SEED, tooltip="Training randomness (noise, timesteps, order); fixed so re-queueing reuses the result."),
+                io.String.Input("target_pattern", default=SDXL_ATTENTION_PATTERN, tooltip="Regex of the Linear layers to adapt."),
+                io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Less memory, about 30% slower."),
+                io.Combo.Input("precision", options=["auto", "bf16", "fp16", "no"], default="auto"),
+                io.String.Input("name", default="waveft_subject", tooltip="Recorded in the adapter; used for the file saved on Cancel."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the trained adapter applied."),
+                WaveFT.Output(display_name="WAVEFT", tooltip="The trained adapter (connect WaveFT Save)."),
+                io.Image.Output(display_name="loss_plot"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, **lists) -> io.NodeOutput:
+        model, clip, vae = model[0], clip[0], vae[0]
+        opt = {key: values[0] for key, values in lists.items()}  # widgets arrive as one-element lists
+        settings = train_settings(model, opt)
+        data = encode_dataset(model, clip, vae, images, opt["instance_prompt"], settings.resolution)
+        watch = Watch(settings.steps)  # ComfyUI attributes the bar to the executing node
+        with torch.inference_mode(False), training_unet(model, settings.waveft) as (unet, dtype):
+            result = train_waveft(
+                unet, make_denoise(unet, dtype), data, settings,
+                name_to_prefix=lambda name: kohya_name("unet", name),
+                progress=watch.progress, should_stop=watch.should_stop,
+                metadata={"ss_base_model_version": base_model_version(model)},
+                set_gradient_checkpointing=checkpointing_hook(unet),
+            )
+        adapter = AdapterFile(result.layers, result.metadata)
+        if watch.cancelled:  # keep the last completed step on disk, then let ComfyUI report the interrupt
+            if result.steps_done:
+                save(adapter, paths.FOLDER, f"{opt['name']}_step{result.steps_done}")
+            raise mm.InterruptProcessingException()
+        trained, _ = apply_layers(model, None, result.layers, 1.0, 0.0, opt["name"])
+        plot = plot_losses(result.losses)[None].float() / 255
+        return io.NodeOutput(trained, adapter, plot, ui=ui.PreviewImage(plot, cls=cls))
+
+
+class WaveFTSave(io.ComfyNode):
+    """Save a ``WAVEFT`` adapter to models/waveft (or models/loras) under a new, safe file name."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WaveFTSave",
+            display_name="WaveFT Save",
+            category=CATEGORY,
+            description="Write the adapter as a .safetensors file (never overwrites: a counter is added).",
+            inputs=[
+                WaveFT.Input("waveft"),
+                io.String.Input("filename", default="waveft_subject", tooltip="File name (subfolders allowed) inside the chosen folder."),
+                io.Combo.Input("folder", options=list(paths.SAVE_FOLDERS), default=paths.FOLDER),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, waveft: AdapterFile, filename: str, folder: str) -> io.NodeOutput:
+        path = save(waveft, folder, filename)
+        return io.NodeOutput(ui={"text": [str(path)]})

@@ -1,0 +1,138 @@
+"""The WaveFT weight adapter: one adapted layer as a ComfyUI ``WeightAdapterBase`` patch.
+
+ComfyUI keeps a model's patches as objects and asks each for the patched weight only when that weight is
+loaded onto its device (``calculate_weight``), or on every forward in low-VRAM mode (``LowVramPatch``). A
+WaveFT layer answers with a sparse scatter of its ``p`` wavelet patches straight into the weight it is given:
+no dense ``dW``, nothing kept per model, so it is as cheap in low-VRAM mode as at load time.
+
+The class is built by :func:`make_adapter_class` on whatever base class the host has -- ComfyUI's
+``comfy.weight_adapter.WeightAdapterBase`` or the vendored copies in reForge / Forge Neo (see
+``webui_ext/comfy_style.py``) -- so this module imports no host code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, MutableSequence
+from typing import Any
+
+import torch
+
+from ..waveft_core import SUFFIXES, AdapterFileError, LayerAdapter, layer_from_tensors
+
+log = logging.getLogger("WaveFT")
+MARKER = "is_waveft_adapter"  # class attribute that identifies our adapter classes in a host's list
+
+
+def _is_identity(function: Callable[[torch.Tensor], torch.Tensor] | None) -> bool:
+    """True if ``function`` is the identity ComfyUI substitutes for ``None`` (the usual case).
+
+    Only then may the update be scattered into the weight; any other function needs the dense ``dW``.
+    """
+    if function is None:
+        return True
+    probe = torch.zeros(1)
+    try:
+        return function(probe) is probe
+    except Exception:  # a function that cannot take the probe is certainly not the identity
+        return False
+
+
+class WaveFTAdapterMixin:
+    """The behaviour of the WaveFT adapter; :func:`make_adapter_class` puts it on a host's base class."""
+
+    name = "waveft"
+    multiplier = 1.0  # set by newer ComfyUI's bypass mode before it calls h()
+    is_waveft_adapter = True
+
+    def __init__(self, loaded_keys: set[str], layer: LayerAdapter) -> None:
+        self.loaded_keys = loaded_keys
+        self.layer = layer
+        self.weights = [layer.coef]
+        self.shape = layer.shape
+
+    @classmethod
+    def load(
+        cls,
+        x: str,
+        lora: Mapping[str, torch.Tensor],
+        alpha: float | None = None,
+        dora_scale: torch.Tensor | None = None,
+        loaded_keys: set[str] | None = None,
+    ) -> WaveFTAdapterMixin | None:
+        """The adapter for layer prefix ``x`` of a file's tensors ``lora``, or ``None`` if it has none.
+
+        Raises :class:`AdapterFileError` naming the key when the layer's tensors are malformed: a bad file
+        must stop the load, never patch a model with garbage.
+        """
+        if loaded_keys is None:
+            loaded_keys = set()
+        present = {suffix: f"{x}.{suffix}" for suffix in SUFFIXES if f"{x}.{suffix}" in lora}
+        if not present:
+            return None
+        layer = layer_from_tensors(x, {suffix: lora[key] for suffix, key in present.items()})
+        loaded_keys.update(present.values())
+        return cls(loaded_keys, layer)  # type: ignore[call-arg]
+
+    def calculate_weight(
+        self,
+        weight: torch.Tensor,
+        key: str,
+        strength: float,
+        strength_model: float,
+        offset: Any,
+        function: Callable[[torch.Tensor], torch.Tensor] | None,
+        intermediate_dtype: torch.dtype = torch.float32,
+        original_weight: Any = None,
+    ) -> torch.Tensor:
+        """``weight += strength * dW`` in place (ComfyUI has already applied ``strength_model``).
+
+        In place because with an ``offset`` ComfyUI passes a narrowed view and discards the return value.
+        """
+        if strength == 0:
+            return weight
+        if tuple(weight.shape) != tuple(self.layer.shape):
+            log.error("[WaveFT] %s: adapter is for a %s weight, the model's is %s; not applied",
+                      key, self.layer.shape, tuple(weight.shape))
+            return weight
+        if _is_identity(function):
+            # sparse scatter; the layer caches its patch geometry per device, so a low-VRAM forward pays
+            # for the scatter alone
+            self.layer.add_to_(weight, float(strength))
+        else:
+            delta = self.layer.delta_weight().to(weight.device) * float(strength)
+            weight += function(delta.to(weight.dtype))  # type: ignore[misc]
+        return weight
+
+    def calculate_shape(self, key: str) -> tuple[int, int]:
+        return self.layer.shape
+
+    def h(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Bypass mode (newer ComfyUI): the additive output ``multiplier * x dW^T``, from the activations."""
+        return self.layer.activation_delta(x, float(self.multiplier))
+
+    def g(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def bypass_forward(self, org_forward: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any):
+        base_out = org_forward(x, *args, **kwargs)
+        return self.g(base_out + self.h(x, base_out).to(base_out.dtype))
+
+
+def make_adapter_class(base: type) -> type:
+    """``WaveFTAdapter``: :class:`WaveFTAdapterMixin` on the host's ``WeightAdapterBase`` ``base``."""
+    return type("WaveFTAdapter", (WaveFTAdapterMixin, base), {"__module__": __name__})
+
+
+def register(adapters: MutableSequence[type], base: type) -> type:
+    """Put one WaveFT adapter class into a host's adapter list (replacing any earlier one); returns it.
+
+    Idempotent: loading the pack twice, or under two names, leaves a single WaveFT entry.
+    """
+    adapter_class = make_adapter_class(base)
+    adapters[:] = [a for a in adapters if not getattr(a, MARKER, False)]
+    adapters.append(adapter_class)
+    return adapter_class
+
+
+__all__ = ["AdapterFileError", "WaveFTAdapterMixin", "make_adapter_class", "register"]

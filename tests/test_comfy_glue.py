@@ -1,0 +1,253 @@
+"""The ComfyUI glue that needs no ComfyUI: the weight adapter on a stand-in base class, key mapping and the
+unmapped-layer report, PEFT files, model folders and safe names, image buckets. Runs on plain CI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import load_pack
+from safetensors.torch import save_file
+
+from waveft_core import LayerAdapter
+
+
+def _glue(name: str):
+    return importlib.import_module(f"{load_pack().__name__}.nodes.{name}")
+
+
+class FakeBase:
+    """Stands in for ``comfy.weight_adapter.WeightAdapterBase`` (whose methods raise NotImplementedError)."""
+
+    @classmethod
+    def load(cls, *args):
+        raise NotImplementedError
+
+
+@pytest.fixture
+def adapter_class():
+    return _glue("weight_adapter").make_adapter_class(FakeBase)
+
+
+def _layer(shape=(24, 20), p=30, wavelet="db1", seed=4, scaling=25.0) -> LayerAdapter:
+    return LayerAdapter(torch.randn(p, generator=torch.Generator().manual_seed(seed)), shape, scaling, wavelet, seed=seed)
+
+
+def test_nodes_package_imports_without_comfyui():
+    nodes = importlib.import_module(f"{load_pack().__name__}.nodes")
+    assert inspect.iscoroutinefunction(nodes.comfy_entrypoint)
+    assert not hasattr(load_pack(), "NODE_CLASS_MAPPINGS"), "it would hide comfy_entrypoint from ComfyUI"
+
+
+def test_adapter_load_claims_keys_and_ignores_other_layers(adapter_class):
+    layer = _layer()
+    lora = {**layer.tensors("lora_unet_x"), "lora_unet_y.lora_up.weight": torch.zeros(1), "lora_unet_x.alpha": torch.tensor(1.0)}
+    loaded: set[str] = set()
+    assert adapter_class.load("lora_unet_y", lora, None, None, loaded) is None and not loaded
+    adapter = adapter_class.load("lora_unet_x", lora, None, None, loaded)
+    assert isinstance(adapter, FakeBase) and adapter.name == "waveft"
+    assert loaded == {f"lora_unet_x.{s}" for s in ("waveft_coef", "waveft_shape", "waveft_scale", "waveft_wavelet", "waveft_seed")}
+    assert adapter.loaded_keys is loaded and adapter.shape == (24, 20)
+    assert adapter_class.load("lora_unet_x", lora, None, None) is not None  # hosts that pass 4 arguments
+
+
+def test_adapter_load_rejects_a_bad_layer_naming_the_key(adapter_class):
+    lora = _layer().tensors("lora_unet_x")
+    lora["lora_unet_x.waveft_shape"] = torch.tensor([24, -20])
+    with pytest.raises(ValueError, match=r"lora_unet_x\.waveft_shape"):
+        adapter_class.load("lora_unet_x", lora, None, None, set())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_calculate_weight_adds_strength_times_dw_in_place(adapter_class, dtype):
+    layer = _layer(wavelet="db2")
+    adapter = adapter_class(set(), layer)
+    weight = torch.randn(24, 20).to(dtype)
+    expected = (weight.float() + 0.4 * layer.delta_weight()).to(dtype)
+    out = adapter.calculate_weight(weight, "k", 0.4, 1.0, None, lambda a: a)
+    assert out is weight
+    assert torch.allclose(out.float(), expected.float(), atol=1e-2 if dtype != torch.float32 else 1e-6)
+
+
+def test_calculate_weight_on_a_narrowed_view_and_with_a_function(adapter_class):
+    layer = _layer()
+    adapter = adapter_class(set(), layer)
+    fused = torch.zeros(72, 20)
+    view = fused.narrow(0, 24, 24)  # what ComfyUI passes with an offset; it keeps the original tensor
+    adapter.calculate_weight(view, "k", 1.0, 1.0, (0, 24, 24), lambda a: a)
+    assert torch.allclose(fused[24:48], layer.delta_weight(), atol=1e-6) and not fused[:24].any() and not fused[48:].any()
+    weight = torch.zeros(24, 20)
+    adapter.calculate_weight(weight, "k", 2.0, 1.0, None, lambda a: a * 3)
+    assert torch.allclose(weight, 6 * layer.delta_weight(), atol=1e-5)
+
+
+def test_calculate_weight_refuses_a_wrong_shape(adapter_class, caplog):
+    weight = torch.zeros(20, 24)
+    with caplog.at_level(logging.ERROR):
+        assert adapter_class(set(), _layer()).calculate_weight(weight, "diffusion_model.x.weight", 1.0, 1.0, None, None) is weight
+    assert not weight.any() and "diffusion_model.x.weight" in caplog.text
+
+
+def test_h_is_strength_times_x_dw_t(adapter_class):
+    layer = _layer(wavelet="sym3")
+    adapter = adapter_class(set(), layer)
+    adapter.multiplier = -0.7
+    x = torch.randn(2, 7, 20)
+    assert torch.allclose(adapter.h(x, None), -0.7 * x @ layer.delta_weight().T, atol=1e-5)
+
+
+def test_register_is_idempotent():
+    weight_adapter = _glue("weight_adapter")
+    adapters: list[type] = [FakeBase]
+    first = weight_adapter.register(adapters, FakeBase)
+    second = weight_adapter.register(adapters, FakeBase)
+    assert adapters == [FakeBase, second] and first is not second
+
+
+def test_diffusers_and_peft_spellings_map_to_ldm_keys():
+    patches = _glue("patches")
+    key = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_out.0.weight"
+    aliases = patches.diffusers_aliases([key, "diffusion_model.time_embed.0.bias", "model_sampling.sigmas"])
+    diffusers = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    for alias in (diffusers, f"unet.{diffusers}", f"base_model.model.{diffusers}", "lora_unet_" + diffusers.replace(".", "_")):
+        assert aliases[alias] == key
+    assert len(aliases) == 4
+    assert patches.unet_key_map({"x": "comfy"}, [key])["x"] == "comfy"
+
+
+def test_plan_reports_unmapped_and_skips_text_encoder_layers(caplog):
+    patches = _glue("patches")
+    layers = {"lora_unet_a": _layer((4, 4), 3), "lora_te1_b": _layer((2, 2), 1), "lora_unet_zzz": _layer((4, 4), 2)}
+    unet_map, shapes = {"lora_unet_a": "diffusion_model.a.weight"}, {"diffusion_model.a.weight": (4, 4)}
+    plan = patches.plan_patches(layers, unet_map, shapes, None, None, "f.safetensors")
+    assert list(plan.unet) == ["diffusion_model.a.weight"] and plan.unmapped == ["lora_unet_zzz"] and plan.skipped == ["lora_te1_b"]
+    with caplog.at_level(logging.WARNING):
+        plan.log_report("f.safetensors")
+    assert "1 layer(s) match no weight" in caplog.text and "lora_unet_zzz" in caplog.text
+    with_clip = patches.plan_patches(layers, unet_map, shapes, {"lora_te1_b": ("clip_l.w", (0, 2, 2))}, {"clip_l.w": (6, 2)})
+    assert with_clip.clip == {("clip_l.w", (0, 2, 2)): layers["lora_te1_b"]} and not with_clip.skipped
+
+
+def test_plan_refuses_files_of_another_model_family():
+    patches = _glue("patches")
+    unet_map, shapes = {"lora_unet_a": "diffusion_model.a.weight"}, {"diffusion_model.a.weight": (8, 4)}
+    with pytest.raises(ValueError, match=r"lora_unet_a \(file \(4, 4\), model \(8, 4\)\).*another model family"):
+        patches.plan_patches({"lora_unet_a": _layer((4, 4), 3)}, unet_map, shapes)
+    with pytest.raises(ValueError, match="none of its 1 layer"):
+        patches.plan_patches({"lora_unet_b": _layer((4, 4), 3)}, unet_map, shapes)
+
+
+def _peft(tmp_path, spectra, config=None):
+    save_file(spectra, str(tmp_path / "adapter_model.safetensors"))
+    if config is not None:
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    return tmp_path / "adapter_model.safetensors"
+
+
+def test_peft_file_reads_against_model_shapes(tmp_path):
+    files = _glue("adapter_files")
+    coef = torch.randn(40)
+    config = {"peft_type": "WAVEFT", "wavelet_family": "db3", "scaling": 5.0, "random_loc_seed": 9}
+    path = _peft(tmp_path, {"base_model.model.a.to_q.waveft_spectrum": coef, "base_model.model.gone.waveft_spectrum": coef.clone()}, config)
+    layers, meta, unknown = files.read_adapter(path, {"base_model.model.a.to_q": (16, 12)}.get)
+    layer = layers["base_model.model.a.to_q"]
+    assert (layer.shape, layer.wavelet, layer.scaling, layer.seed) == ((16, 12), "db3", 5.0, 9)
+    assert torch.equal(layer.coef, coef) and unknown == ["base_model.model.gone"] and meta["waveft_converted_from"] == "peft"
+
+
+def test_peft_defaults_and_bad_inputs(tmp_path, caplog):
+    files = _glue("adapter_files")
+    key = "base_model.model.a.waveft_spectrum"
+    with caplog.at_level(logging.WARNING):
+        layers, _, _ = files.read_adapter(_peft(tmp_path, {key: torch.randn(5)}), {"base_model.model.a": (4, 4)}.get)
+    assert layers["base_model.model.a"].seed == 777 and "no adapter_config.json" in caplog.text
+    with pytest.raises(ValueError, match="20 coefficients|\\[20\\] coefficients"):
+        files.read_adapter(_peft(tmp_path, {key: torch.randn(20)}), {"base_model.model.a": (4, 4)}.get)
+    with pytest.raises(ValueError, match="waveft_coef"):
+        files.read_adapter(_peft(tmp_path, {key: torch.arange(5)}), {"base_model.model.a": (4, 4)}.get)
+    with pytest.raises(ValueError, match="not a WaveFT adapter config"):
+        files.read_adapter(_peft(tmp_path, {key: torch.randn(5)}, {"peft_type": "LORA"}), {"base_model.model.a": (4, 4)}.get)
+    with pytest.raises(ValueError, match="none of its 1 PEFT layer"):
+        files.read_adapter(_peft(tmp_path, {key: torch.randn(5)}, {}), {}.get)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        files.read_adapter(tmp_path / "junk.safetensors", {}.get)
+
+
+def _fake_folder_paths(tmp_path, existing=None):
+    table = {"loras": ([str(tmp_path / "loras")], {".safetensors", ".ckpt"})}
+    if existing is not None:
+        table["waveft"] = (list(existing), set())
+
+    def get_filename_list(name):
+        folders, extensions = table[name]
+        found = [p.relative_to(f).as_posix() for f in map(type(tmp_path), folders) if f.is_dir() for p in f.rglob("*") if p.is_file()]
+        return sorted(n for n in found if not extensions or any(n.endswith(e) for e in extensions))
+
+    def get_full_path(name, filename):
+        for folder in table[name][0]:
+            candidate = type(tmp_path)(folder) / filename
+            if candidate.is_file():
+                return str(candidate)
+        return None
+
+    return SimpleNamespace(models_dir=str(tmp_path), folder_names_and_paths=table, filename_list_cache={"waveft": 1},
+                           get_filename_list=get_filename_list, get_full_path=get_full_path,
+                           get_folder_paths=lambda name: list(table[name][0]))
+
+
+def test_model_folder_listing_and_lookup(tmp_path):
+    paths = _glue("paths")
+    fp = _fake_folder_paths(tmp_path, existing=[str(tmp_path / "yaml_waveft")])
+    assert paths.register_folder(fp) == [str(tmp_path / "yaml_waveft"), str(tmp_path / "waveft")]
+    assert paths.register_folder(fp) == [str(tmp_path / "yaml_waveft"), str(tmp_path / "waveft")]
+    assert fp.folder_names_and_paths["waveft"][1] == {".safetensors", ".sft"} and "waveft" not in fp.filename_list_cache
+    for rel in ("waveft/a.safetensors", "waveft/sub/b.safetensors", "loras/a.safetensors", "loras/c.safetensors", "loras/d.ckpt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    assert paths.adapter_files(fp) == ["a.safetensors", "sub/b.safetensors", "c.safetensors"]
+    assert paths.resolve(fp, "a.safetensors") == str(tmp_path / "waveft" / "a.safetensors")
+    assert paths.resolve(fp, "c.safetensors") == str(tmp_path / "loras" / "c.safetensors")
+    with pytest.raises(FileNotFoundError):
+        paths.resolve(fp, "missing.safetensors")
+
+
+@pytest.mark.parametrize(("name", "stem"), [
+    ("dog", "dog"), ("../../etc/passwd", "etc/passwd"), ("a/../b", "a/b"), ("/abs/x.safetensors", "abs/x"),
+    ("we ird*na:me?", "we ird_na_me_"), ("..", "waveft"), ("", "waveft"), ("C:\\\\x\\\\y", "C_/x/y"),
+])  # fmt: skip
+def test_safe_stem(name, stem):
+    assert _glue("paths").safe_stem(name) == stem
+
+
+def test_reserve_save_path_never_overwrites(tmp_path):
+    paths = _glue("paths")
+    fp = _fake_folder_paths(tmp_path)
+    paths.register_folder(fp)
+    first = paths.reserve_save_path(fp, "waveft", "subjects/dog")
+    second = paths.reserve_save_path(fp, "waveft", "subjects/dog.safetensors")
+    third = paths.reserve_save_path(fp, "loras", "../../../dog")
+    assert first == tmp_path / "waveft" / "subjects" / "dog.safetensors" and first.is_file()
+    assert second == tmp_path / "waveft" / "subjects" / "dog_001.safetensors"
+    assert third == tmp_path / "loras" / "dog.safetensors"
+    with pytest.raises(ValueError):
+        paths.reserve_save_path(fp, "checkpoints", "dog")
+
+
+def test_buckets_keep_aspect_and_resolution():
+    images = _glue("images")
+    assert images.bucket_for(1024, 1024, 1024) == (1024, 1024)
+    assert images.bucket_for(768, 1344, 1024) == (768, 1344)
+    assert images.bucket_for(40, 40, 32) == (32, 32) and images.bucket_for(24, 56, 32) == (24, 48)
+    fitted = images.fit_to_bucket(torch.rand(30, 90, 3), (24, 48))
+    assert fitted.shape == (24, 48, 3) and 0 <= float(fitted.min()) and float(fitted.max()) <= 1
+    grouped = images.bucket_images([torch.rand(2, 40, 40, 4), torch.rand(1, 24, 56, 3), torch.rand(64, 64, 3)], 32)
+    assert {size: batch.shape[0] for size, batch in grouped.items()} == {(24, 48): 1, (32, 32): 3}
+    with pytest.raises(ValueError):
+        images.bucket_images([], 32)

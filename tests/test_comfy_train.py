@@ -1,0 +1,131 @@
+"""WaveFT Train and WaveFT Save in a real ComfyUI (``COMFYUI_PATH``): a few steps on a tiny SDXL-layout model,
+run by ComfyUI's executor (so under its ``torch.inference_mode``), progress per step, Cancel, saving.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfy_host import boot, pack_module, require_comfy, run_prompt, tiny_clip, tiny_sdxl, tiny_vae
+
+from waveft_core import load_adapter
+
+require_comfy()
+
+TRAIN = {
+    "instance_prompt": "a photo of zjw dog", "budget": 48, "wavelet": "db1", "scaling": 25.0, "steps": 3,
+    "learning_rate": 1e-2, "batch_size": 1, "grad_accumulation": 1, "resolution": 32, "seed": 5,
+    "target_pattern": r"(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$", "gradient_checkpointing": True,
+    "precision": "no", "name": "zjw",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def host():
+    return boot()
+
+
+@pytest.fixture
+def progress_calls():
+    """Install a progress hook like ComfyUI's server does (it also raises on Cancel)."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    calls: list[tuple[int, int]] = []
+    stop_at: list[int] = []
+
+    def hook(value, total, preview, node_id=None):
+        calls.append((value, total))
+        if stop_at and value >= stop_at[0]:
+            mm.interrupt_current_processing(True)  # the user presses Cancel ...
+        mm.throw_exception_if_processing_interrupted()  # ... and the server's hook raises
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    yield calls, stop_at
+    comfy.utils.set_progress_bar_global_hook(previous)
+    mm.interrupt_current_processing(False)
+
+
+def _prompt(steps: int = 3, name: str = "zjw") -> dict:
+    return {
+        "1": {"class_type": "WaveFTTestTinyModels", "inputs": {"seed": 0}},
+        "2": {"class_type": "WaveFTTestImages", "inputs": {}},
+        "3": {"class_type": "WaveFTTrain", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0],
+                                                     **{**TRAIN, "steps": steps, "name": name}}},
+        "4": {"class_type": "WaveFTSave", "inputs": {"waveft": ["3", 1], "filename": f"subjects/{name}", "folder": "waveft"}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}},
+    }
+
+
+def test_train_and_save_through_the_executor(host, progress_calls):
+    calls, _ = progress_calls
+    executor, _ = run_prompt(_prompt())
+    assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+    assert calls[-3:] == [(1, 3), (2, 3), (3, 3)]
+    saved = executor.history_result["outputs"]["4"]["text"][0]
+    assert saved.endswith("subjects/zjw.safetensors")
+    adapter = load_adapter(saved)
+    assert len(adapter.layers) == 4 * 2 * 11  # q, k, v, out of attn1 + attn2 in the 11 transformer blocks
+    assert all(layer.num_params == 48 for layer in adapter.layers.values())
+    assert any(layer.coef.abs().sum() > 0 for layer in adapter.layers.values())
+    assert adapter.metadata["ss_output_name"] == "zjw" and adapter.metadata["ss_num_train_images"] == "3"
+    assert adapter.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    save = host["nodes"].NODE_CLASS_MAPPINGS["WaveFTSave"]
+    again = save.execute(adapter, "subjects/zjw", "waveft").ui["text"][0]  # never overwrites
+    assert again.endswith("subjects/zjw_001.safetensors") and load_adapter(saved).metadata["ss_output_name"] == "zjw"
+    escaped = save.execute(adapter, "../../outside/../x", "loras").ui["text"][0]
+    assert escaped == str(host["work"] / "models" / "loras" / "outside" / "x.safetensors")
+
+
+def test_trained_model_output_equals_the_adapter_applied(host):
+    import comfy.model_management as mm
+
+    train = host["nodes"].NODE_CLASS_MAPPINGS["WaveFTTrain"]
+    model = tiny_sdxl(seed=1)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    images = [torch.rand(1, 32, 32, 3)]
+    with torch.inference_mode():  # as under ComfyUI's executor
+        output = train.execute([model], [tiny_clip()], [tiny_vae()], images, **{k: [v] for k, v in TRAIN.items()})
+        trained, adapter, plot = output.args
+        assert plot.shape == (1, 256, 512, 3) and 0 <= float(plot.min()) and float(plot.max()) <= 1
+        mm.unload_all_models()
+        for key, value in model.model.state_dict().items():
+            assert torch.equal(value, before[key]), f"training changed the base model: {key}"
+        assert not model.patches and len(trained.patches) == len(adapter.layers)
+        mm.load_models_gpu([trained])
+        state = trained.model.state_dict()
+        unet_map = pack_module("nodes.comfy_patching").ModelKeys(model, None).unet_map
+        for prefix, layer in adapter.layers.items():
+            key = unet_map[prefix]
+            assert torch.equal(state[key], layer.add_to_(before[key].clone(), 1.0)), key
+        mm.unload_all_models()
+
+
+def test_cancel_keeps_the_last_step_on_disk(host, progress_calls):
+    _, stop_at = progress_calls
+    stop_at.append(2)
+    executor, _ = run_prompt(_prompt(steps=50, name="cancelled"))
+    assert not executor.success
+    assert any(m[0] == "execution_interrupted" for m in executor.status_messages)
+    saved = host["work"] / "models" / "waveft" / "cancelled_step2.safetensors"
+    assert saved.is_file() and load_adapter(saved).metadata["ss_steps"] == "2"
+
+
+def test_engine_convention_matches_comfyui_sampling(host):
+    """The UNet on DDPM inputs predicts what ComfyUI's sampler uses: eps = (x - denoised) / sigma."""
+    comfy_training = pack_module("nodes.comfy_training")
+    model = tiny_sdxl(seed=2)
+    assert comfy_training.schedule(model) == {"prediction_type": "epsilon", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+    base = model.model
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    cond = {"context": torch.randn(2, 8, 2048, generator=g), "y": torch.randn(2, 2816, generator=g)}
+    timesteps = torch.tensor([40, 700])
+    sigma = base.model_sampling.sigmas[timesteps][:, None, None, None]
+    abar = 1 / (1 + sigma**2)
+    with torch.no_grad():
+        ours = comfy_training.make_denoise(base.diffusion_model, torch.float32)(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, timesteps, cond)
+        noisy = x0 + sigma * eps  # ComfyUI's EPS parametrisation
+        denoised = base.apply_model(noisy, sigma.flatten(), c_crossattn=cond["context"], y=cond["y"])
+    assert torch.allclose(ours, (noisy - denoised) / sigma, atol=1e-4)
