@@ -143,7 +143,7 @@ def token_chunks(tokens: int, plan: SparsePlan) -> range:
     return range(0, tokens, max(64, CHUNK_ELEMENTS // widest))
 
 
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 19
 
 
 def delta_forward(x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
