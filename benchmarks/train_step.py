@@ -26,6 +26,7 @@ from waveft_core import WaveFTConfig, attach_waveft
 
 warnings.filterwarnings("ignore")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+PROJECTIONS_ONLY = False
 SHAPES = [(640, 4096), (1280, 1024)]
 
 
@@ -38,6 +39,10 @@ class AttentionPair(torch.nn.Module):
         self.attn2 = Attention(dim, cross_attention_dim=2048, heads=dim // 64, dim_head=64)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if PROJECTIONS_ONLY:  # the eight adapted Linears alone, as in DESIGN.md's peer figures
+            a1, a2 = self.attn1, self.attn2
+            x = x + a1.to_out[0](a1.to_q(x) + a1.to_k(x) + a1.to_v(x))
+            return x + a2.to_out[0](a2.to_q(x) + (a2.to_k(context) + a2.to_v(context)).mean(1, keepdim=True))
         x = x + self.attn1(x)
         return x + self.attn2(x, encoder_hidden_states=context)
 
@@ -76,8 +81,9 @@ def peak_memory_mb(variant: str, dim: int, tokens: int, wavelet: str) -> float:
     """Peak RSS growth during one step, in a fresh process whose large allocations go straight to the OS
     (``MALLOC_MMAP_THRESHOLD_``), so the resident set follows live tensors rather than allocator caches."""
     code = (
-        "import sys, json; sys.argv=['x']; sys.path.insert(0, 'benchmarks');"
-        f"import train_step as t; print(json.dumps(t._measure_peak({variant!r}, {dim}, {tokens}, {wavelet!r})))"
+        "import sys, json; sys.argv=['x']; sys.path.insert(0, 'benchmarks'); import train_step as t;"
+        f"t.PROJECTIONS_ONLY = {PROJECTIONS_ONLY};"
+        f"print(json.dumps(t._measure_peak({variant!r}, {dim}, {tokens}, {wavelet!r})))"
     )
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
@@ -108,7 +114,10 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--cpu-time", action="store_true", help="process CPU time instead of wall time")
+    parser.add_argument("--projections-only", action="store_true", help="skip the attention maths itself")
     args = parser.parse_args()
+    global PROJECTIONS_ONLY
+    PROJECTIONS_ONLY = args.projections_only
     torch.set_num_threads(args.threads)
     clock = "process CPU time" if args.cpu_time else "wall time"
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {clock}")
@@ -121,7 +130,8 @@ def main() -> None:
                 for variant, step in steps.items():
                     times[variant].append(median_seconds(step, 1, 0 if times[variant] else 1, args.cpu_time))
             median = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
-            print(f"\n{wavelet}, dim {dim}, {tokens} tokens (8 adapted layers, n=2592 each)")
+            what = "projections only" if PROJECTIONS_ONLY else "attention blocks"
+            print(f"\n{wavelet}, dim {dim}, {tokens} tokens, {what} (8 adapted layers, n=2592 each)")
             for variant in variants:
                 line = f"  {variant:<14} {median[variant] * 1e3:8.1f} ms  {median[variant] / median['base']:5.2f}x base"
                 line += f"  {median[variant] / median['peft_lora_r1']:5.2f}x LoRA r1"
