@@ -199,3 +199,21 @@ def test_budget_overrides_and_validation():
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         WaveFTConfig(**kwargs)
+
+
+def test_autocast_check_works_on_torch_without_device_argument(monkeypatch):
+    """A1111 1.10 ships torch 2.1, whose is_autocast_enabled() takes no device argument."""
+    from waveft_core.layer import autocast_enabled
+
+    def old_api(*args):
+        if args:
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments")
+        return False
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "is_autocast_enabled", old_api)
+        assert not autocast_enabled("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with monkeypatch.context() as patch:  # patched inside: torch's own autocast code uses the new API
+            patch.setattr(torch, "is_autocast_enabled", old_api)
+            assert autocast_enabled("cpu")

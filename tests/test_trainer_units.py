@@ -201,3 +201,14 @@ def test_text_progress_bar():
         bar(step, 3, 1.0 / step)
     text = stream.getvalue()
     assert text.count("\r") == 3 and text.endswith("\n") and "3/3" in text
+
+
+def test_grad_scaler_on_torch_without_torch_amp_gradscaler(monkeypatch):
+    """torch < 2.3 (A1111 1.10 ships 2.1) has only torch.cuda.amp.GradScaler: no crash, disabled on CPU."""
+    import torch
+
+    from trainer.engine import _grad_scaler
+
+    monkeypatch.delattr(torch.amp, "GradScaler")
+    scaler = _grad_scaler(torch.device("cpu"), enabled=True)
+    assert not scaler.is_enabled()

@@ -120,6 +120,13 @@ def _enable_checkpointing(model: nn.Module, hook: Callable[[bool], None] | None)
     return (lambda: None) if was_on else model.disable_gradient_checkpointing
 
 
+def _grad_scaler(device: torch.device, enabled: bool) -> Any:
+    """fp16 loss scaler; ``torch.amp.GradScaler`` needs torch >= 2.3, A1111 1.10 ships 2.1 (CUDA-only then)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device.type == "cuda")
+
+
 @contextlib.contextmanager
 def _model_rng(device: torch.device, seed: int) -> Iterator[None]:
     """Seed the global RNGs of the CPU and ``device`` (the model's dropout uses them) and restore them after,
@@ -150,7 +157,7 @@ class _Run:
         self.precision = settings.precision(device)
         self.params = [layer.coef for layer in layers.values()]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.scaler = _grad_scaler(device, enabled=self.precision == "fp16")
         self.schedule = BatchSchedule(data.buckets, settings.batch_size, settings.seed)
         abar = diff.alphas_cumprod(settings.num_train_timesteps, settings.beta_start, settings.beta_end)
         self.abar = abar.to(torch.float32)

@@ -92,6 +92,14 @@ class _DeltaFn(torch.autograd.Function):
         return grad_x, grad_coef if ctx.needs_input_grad[1] else None, None, None
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``, on every torch the hosts ship (A1111 1.10 has 2.1)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument, only per-device functions
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def waveft_delta(x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
     """``x dW^T`` (differentiable in ``x`` and ``coef``) without forming ``dW``."""
     return _DeltaFn.apply(x, coef, plan, float(scaling))
@@ -111,7 +119,7 @@ def waveft_linear(
         and x.dtype == weight.dtype
         and not weight.requires_grad
         and (bias is None or not bias.requires_grad)
-        and not torch.is_autocast_enabled(x.device.type)
+        and not autocast_enabled(x.device.type)
     )
     if merged_ok:
         return _MergedLinearFn.apply(x, coef, weight, bias, plan, float(scaling))

@@ -41,9 +41,9 @@ def _synthesis_matrix(n: int, half: int, wavelet: str, device: torch.device) -> 
 
 
 def _coo_to_csr(coo: torch.Tensor) -> torch.Tensor:
-    coo = coo.coalesce()
-    crow = torch.ops.aten._convert_indices_from_coo_to_csr(coo.indices()[0], coo.shape[0])
-    return _csr(crow, coo.indices()[1], coo.values(), tuple(coo.shape))
+    rows, cols = coo.coalesce().indices()
+    crow, col, order = _csr_structure(rows, cols, coo.shape[0])
+    return _csr(crow, col, coo.coalesce().values()[order], tuple(coo.shape))
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
