@@ -201,6 +201,7 @@ def test_config_validation(kwargs, message):
         WaveFTConfig(**kwargs)
 
 
+@pytest.mark.filterwarnings("ignore:torch.is_autocast_cpu_enabled:DeprecationWarning")
 def test_autocast_check_works_on_torch_without_device_argument(monkeypatch):
     """A1111 1.10 ships torch 2.1, whose is_autocast_enabled() takes no device argument."""
     from waveft_core.layer import autocast_enabled

@@ -203,6 +203,7 @@ def test_text_progress_bar():
     assert text.count("\r") == 3 and text.endswith("\n") and "3/3" in text
 
 
+@pytest.mark.filterwarnings("ignore:`torch.cuda.amp.GradScaler:FutureWarning")
 def test_grad_scaler_on_torch_without_torch_amp_gradscaler(monkeypatch):
     """torch < 2.3 (A1111 1.10 ships 2.1) has only torch.cuda.amp.GradScaler: no crash, disabled on CPU."""
     import torch
