@@ -178,3 +178,34 @@ def test_header_dtype_checked_before_reading(tmp_path):
 def test_add_to_checks_model_shape():
     with pytest.raises(AdapterFileError, match=r"\(16, 12\) weight, the model's is \(12, 16\)"):
         _layer().add_to_(torch.zeros(12, 16))
+
+
+def test_random_corruption_never_escapes_as_another_error(tmp_path):
+    """Seeded byte flips and truncations anywhere in a valid file: loading either succeeds with a valid
+    adapter or raises AdapterFileError -- never a bare safetensors/JSON/struct/torch error or a crash."""
+    import random
+
+    good = save_adapter(tmp_path / "good.safetensors", {PREFIX: _layer(), PREFIX + "_b": _layer(
+        positions=torch.randperm(16 * 12)[:30], seed=None)}).read_bytes()
+    rng = random.Random(1234)
+    header_end = 8 + struct.unpack("<Q", good[:8])[0]
+    outcomes = {"loaded": 0, "rejected": 0}
+    for trial in range(1000):
+        data = bytearray(good)
+        if trial % 5 == 0:
+            data = data[: rng.randrange(len(data))]
+        else:  # half of the flips land in the JSON header, where parsing can go wrong in the most ways
+            for _ in range(rng.randint(1, 4)):
+                where = rng.randrange(header_end) if rng.random() < 0.5 else rng.randrange(len(data))
+                data[where] = rng.randrange(256)
+        path = tmp_path / f"m{trial}.safetensors"
+        path.write_bytes(bytes(data))
+        try:
+            adapter = load_adapter(path)
+        except AdapterFileError:
+            outcomes["rejected"] += 1
+        else:
+            outcomes["loaded"] += 1
+            for layer in adapter.layers.values():
+                assert torch.isfinite(layer.delta_weight()).all()
+    assert outcomes["rejected"] > 0 and outcomes["loaded"] > 0

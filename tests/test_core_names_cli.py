@@ -171,3 +171,24 @@ def test_bake_refuses_when_a_layer_is_missing(tmp_path, capsys):
                  str(tmp_path / "baked.safetensors")]) == 2
     assert "no weight for 1 adapter layer" in capsys.readouterr().err
     assert not (tmp_path / "baked.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "tensors,message",
+    [
+        ({"base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.waveft_spectrum":
+          torch.full((10,), float("nan"))}, "NaN or Inf"),
+        ({"base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.waveft_spectrum":
+          torch.zeros(640 * 640 + 1)}, "coefficients for a 640x640"),
+        ({"base_model.model.conv_in.waveft_spectrum": torch.zeros(3)}, "not a Linear of the SDXL UNet"),
+        ({"base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A": torch.zeros(3)},
+         "not a WaveFT spectrum"),
+    ],
+)
+def test_convert_peft_refuses_bad_folders(tmp_path, capsys, tensors, message):
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "WAVEFT"}))
+    save_file(tensors, str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert main(["convert-peft", str(tmp_path / "peft"), str(tmp_path / "out.safetensors")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()

@@ -21,7 +21,7 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,12 +217,42 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     if not isinstance(header, dict):
         raise AdapterFileError(f"{path.name}: not a safetensors file (header is not an object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise AdapterFileError(f"{path.name}: not a safetensors file (__metadata__ is not an object)")
     data_size = size - 8 - length
     for key, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_size):
-            raise AdapterFileError(f"{path.name}: {key}: data lies outside the file (truncated or corrupt)")
+        _check_layout(path, key, entry, data_size)
     return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+_ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _check_layout(path: Path, key: str, entry: object, data_size: int) -> None:
+    """Each tensor's shape, dtype and byte range must be well-formed and agree, before the library reads it."""
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    well_formed = (
+        isinstance(shape, list)
+        and all(isinstance(n, int) and n >= 0 for n in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(n, int) for n in offsets)
+    )
+    if not well_formed or not 0 <= offsets[0] <= offsets[1] <= data_size:
+        raise AdapterFileError(f"{path.name}: {key}: data lies outside the file (truncated or corrupt)")
+    item = _ITEM_SIZE.get(entry.get("dtype"))
+    if item is not None and offsets[1] - offsets[0] != math.prod(shape) * item:
+        raise AdapterFileError(f"{path.name}: {key}: byte range does not match its shape and dtype (corrupt)")
+
+
+def read_tensors(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Tensors ``keys`` of a safetensors file (after :func:`read_header` checked it); never unpickles."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in keys}
+    except Exception as err:  # the library's own checks (overlaps, unknown dtypes ...): still a bad file
+        raise AdapterFileError(f"{Path(path).name}: unreadable safetensors data ({err})") from None
 
 
 def _check_entry(path: Path, key: str, entry: dict) -> None:
@@ -230,7 +260,7 @@ def _check_entry(path: Path, key: str, entry: dict) -> None:
     if suffix not in _HEADER_SPEC:
         raise AdapterFileError(f"{path.name}: {key}: not a WaveFT tensor")
     dtype, rank = _HEADER_SPEC[suffix]
-    shape = entry.get("shape", [])
+    shape = entry["shape"]
     if entry.get("dtype") != dtype or len(shape) != rank:
         raise AdapterFileError(f"{path.name}: {key}: expected dtype {dtype} of rank {rank}, got {entry.get('dtype')} {shape}")
     if rank and not 0 < shape[0] <= MAX_WEIGHT_ELEMENTS:
@@ -247,10 +277,9 @@ def load_adapter(path: str | os.PathLike) -> AdapterFile:
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, entry in header.items():
         _check_entry(path, key, entry)
-    with safe_open(str(path), framework="pt") as handle:
-        for key in header:
-            prefix, _, suffix = key.rpartition(".")
-            grouped.setdefault(prefix, {})[suffix] = handle.get_tensor(key)
+    for key, tensor in read_tensors(path, header).items():
+        prefix, _, suffix = key.rpartition(".")
+        grouped.setdefault(prefix, {})[suffix] = tensor
     if not grouped:
         raise AdapterFileError(f"{path.name}: contains no WaveFT layers")
     layers = {}

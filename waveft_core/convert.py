@@ -17,14 +17,15 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .adapter_file import (
     AdapterFile,
     AdapterFileError,
     LayerAdapter,
+    layer_from_tensors,
     load_adapter,
     read_header,
+    read_tensors,
     save_adapter,
     save_tensors_atomic,
 )
@@ -46,19 +47,23 @@ def convert_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike) -> Ad
     weights = peft_dir / "adapter_model.safetensors"
     header, _ = read_header(weights)
     layers: dict[str, LayerAdapter] = {}
-    with safe_open(str(weights), framework="pt") as handle:
-        for key in header:
-            if not key.endswith(".waveft_spectrum"):
-                raise AdapterFileError(f"{weights.name}: {key}: not a WaveFT spectrum tensor")
-            prefix = peft_key_to_kohya(key.removesuffix(".waveft_spectrum"))
-            if prefix is None or prefix not in table:
-                raise AdapterFileError(f"{weights.name}: {key}: not a Linear of the SDXL UNet")
-            coef = handle.get_tensor(key).to(torch.float32)
-            layers[prefix] = LayerAdapter(coef, table[prefix][2], scaling, wavelet, seed=seed)
+    for key, tensor in read_tensors(weights, header).items():
+        if not key.endswith(".waveft_spectrum") or tensor.dim() != 1 or not tensor.is_floating_point():
+            raise AdapterFileError(f"{weights.name}: {key}: not a WaveFT spectrum tensor")
+        prefix = peft_key_to_kohya(key.removesuffix(".waveft_spectrum"))
+        if prefix is None or prefix not in table:
+            raise AdapterFileError(f"{weights.name}: {key}: not a Linear of the SDXL UNet")
+        layers[prefix] = _validated(prefix, tensor.to(torch.float32), table[prefix][2], scaling, wavelet, seed)
     if not layers:
         raise AdapterFileError(f"{weights.name}: no waveft_spectrum tensors")
     save_adapter(out_path, layers, {"waveft_converted_from": "peft"})
     return load_adapter(out_path)
+
+
+def _validated(prefix: str, coef: torch.Tensor, shape: tuple[int, int], scaling: float, wavelet: str, seed: int):
+    """The same checks as a v1 file gets (budget fits, finite values, known wavelet), before it is written."""
+    layer = LayerAdapter(coef, shape, scaling, wavelet, seed=seed)
+    return layer_from_tensors(prefix, {k.rpartition(".")[2]: v for k, v in layer.tensors(prefix).items()})
 
 
 def checkpoint_target(prefix: str, shape: tuple[int, int]) -> tuple[str, slice | None, bool]:
@@ -102,8 +107,7 @@ def bake_checkpoint(
     missing = sorted(prefix for prefix, (key, _, _) in targets.items() if key not in header)
     if missing:
         raise AdapterFileError(f"{Path(checkpoint).name}: no weight for {len(missing)} adapter layer(s): {missing[:5]}")
-    with safe_open(str(checkpoint), framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in header}
+    tensors = read_tensors(checkpoint, header)
     for prefix, (key, rows, transposed) in targets.items():
         weight = tensors[key][rows] if rows is not None else tensors[key]
         weight = weight.t() if transposed else weight
