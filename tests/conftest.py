@@ -30,6 +30,17 @@ def load_pack(name: str = "waveft_pack_under_test") -> ModuleType:
     return module
 
 
+def restore_modules(saved: dict) -> None:
+    """Drop modules imported since ``saved`` under new top-level names (stand-ins, host code, the pack),
+    and put back replaced ones. New submodules of libraries already loaded (torch.*) stay: re-importing
+    those is not safe."""
+    tops = {name.partition(".")[0] for name in saved}
+    for name in set(sys.modules) - set(saved):
+        if name.partition(".")[0] not in tops:
+            del sys.modules[name]
+    sys.modules.update(saved)
+
+
 @pytest.fixture
 def pack() -> ModuleType:
     return load_pack()

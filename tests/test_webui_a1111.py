@@ -20,7 +20,7 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_pack
+from conftest import load_pack, restore_modules
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -215,17 +215,6 @@ def current_weight(model: SimpleNamespace, prefix: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the fixture
-
-
-def restore_modules(saved: dict) -> None:
-    """Drop modules imported since ``saved`` under new top-level names (stand-ins, host code, the pack),
-    and put back replaced ones. New submodules of libraries already loaded (torch.*) stay: re-importing
-    those is not safe."""
-    tops = {name.partition(".")[0] for name in saved}
-    for name in set(sys.modules) - set(saved):
-        if name.partition(".")[0] not in tops:
-            del sys.modules[name]
-    sys.modules.update(saved)
 
 
 @pytest.fixture

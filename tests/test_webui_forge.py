@@ -16,7 +16,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from conftest import load_pack
+from conftest import load_pack, restore_modules
 from safetensors.torch import load_file
 
 from waveft_core import LayerAdapter, load_adapter, save_adapter
@@ -41,14 +41,6 @@ class _Anything(ModuleType):
         return type(name, (), {"__init__": lambda self, *a, **k: None})
 
 
-def _restore_modules(saved: dict) -> None:
-    tops = {name.partition(".")[0] for name in saved}
-    for name in set(sys.modules) - set(saved):
-        if name.partition(".")[0] not in tops:
-            del sys.modules[name]
-    sys.modules.update(saved)
-
-
 @pytest.fixture
 def forge(monkeypatch):
     """Real ``backend.patcher.lora`` with WaveFT registered through the pack's own host detection."""
@@ -68,7 +60,7 @@ def forge(monkeypatch):
         assert webui_ext.install_loader(host)
         yield forge_lora
     finally:
-        _restore_modules(saved)
+        restore_modules(saved)
 
 
 def _layers() -> dict[str, LayerAdapter]:
