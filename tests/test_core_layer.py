@@ -84,11 +84,18 @@ def test_base_weight_is_bit_identical_after_training_steps(inference_weights):
 
 
 @pytest.mark.parametrize("trainable", [False, True])
-def test_token_chunking_matches_dense(monkeypatch, trainable):
-    """Long sequences are processed in token chunks (bounded temporaries); results must not change."""
+@pytest.mark.parametrize("chunk_elements", [1, 1 << 19])
+def test_token_chunking_matches_dense(monkeypatch, trainable, chunk_elements):
+    """Long sequences run in chunks of 64-token blocks plus a partial block; results must not change.
+
+    ``CHUNK_ELEMENTS = 1``: one block per chunk (64, 64, 22 tokens); the default: two blocks in one
+    block-diagonal call, then the 22-token remainder.
+    """
     import waveft_core.sparse_ops as sparse_ops
 
-    monkeypatch.setattr(sparse_ops, "CHUNK_ELEMENTS", 1)  # 64-token chunks
+    monkeypatch.setattr(sparse_ops, "CHUNK_ELEMENTS", chunk_elements)
+    chunks = sparse_ops.token_chunks(300, WaveFTLinear(torch.nn.Linear(40, 24), 80, "db2").plan(torch.device("cpu")))
+    assert [(c.blocks, c.block) for c in chunks] == ([(1, 64)] * 4 if chunk_elements == 1 else [(4, 64)]) + [(1, 44)]
     torch.manual_seed(1)
     base = torch.nn.Linear(40, 24)
     layer = WaveFTLinear(base, 80, "db2")

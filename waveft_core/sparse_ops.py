@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -68,6 +68,39 @@ def _csr_structure(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> tuple
     return crow, cols[order].contiguous(), order
 
 
+def _block_diagonal(csr: torch.Tensor, blocks: int, values: torch.Tensor | None = None) -> torch.Tensor:
+    """CSR ``blockdiag(M, ..., M)`` of ``blocks`` copies of CSR ``M`` (with ``values`` in place of ``M``'s)."""
+    if blocks == 1 and values is None:
+        return csr
+    crow, col = csr.crow_indices(), csr.col_indices()
+    rows, cols = csr.shape
+    offsets = torch.arange(blocks, device=col.device)[:, None]
+    crow_blocks = torch.cat([(crow[:-1][None] + offsets * col.numel()).reshape(-1), crow[-1:] * blocks])
+    col_blocks = (col[None] + offsets * cols).reshape(-1)
+    values = csr.values() if values is None else values
+    return _csr(crow_blocks, col_blocks, values.repeat(blocks), (blocks * rows, blocks * cols))
+
+
+@dataclass
+class BlockFactors:
+    """A plan's factors repeated block-diagonally, to apply them to ``blocks`` token blocks in one call."""
+
+    blocks: int
+    synth_rows: torch.Tensor
+    synth_rows_t: torch.Tensor
+    synth_cols: torch.Tensor
+    synth_cols_t: torch.Tensor
+    pattern: torch.Tensor  # B's sparsity pattern with unit values: the mask of the sampled gradient product
+    b_unit: torch.Tensor
+    bt_unit: torch.Tensor
+
+    def b_matrix(self, values: torch.Tensor) -> torch.Tensor:
+        return _block_diagonal(self.b_unit, self.blocks, values)
+
+    def bt_matrix(self, values: torch.Tensor) -> torch.Tensor:
+        return _block_diagonal(self.bt_unit, self.blocks, values)
+
+
 @dataclass
 class SparsePlan:
     """Sparse factors of one layer's ``dW`` (fixed positions, shape and wavelet) on one device."""
@@ -78,32 +111,26 @@ class SparsePlan:
     synth_rows_t: torch.Tensor  # S_r^T, CSR (out x 2 H2)
     synth_cols: torch.Tensor  # S_c, CSR (2 W2 x in)
     synth_cols_t: torch.Tensor  # S_c^T, CSR (in x 2 W2)
-    b_crow: torch.Tensor
-    b_col: torch.Tensor
-    b_order: torch.Tensor  # CSR slot j holds coefficient b_order[j]
-    bt_crow: torch.Tensor
-    bt_col: torch.Tensor
+    b_unit: torch.Tensor  # B's pattern, CSR with unit values; CSR slot j holds coefficient b_order[j]
+    b_order: torch.Tensor
+    bt_unit: torch.Tensor  # B^T's pattern, slot j holds coefficient bt_order[j]
     bt_order: torch.Tensor
     patches: PatchIndex  # for merging dW into a weight copy
+    _blocked: dict[int, BlockFactors] = field(default_factory=dict, repr=False, compare=False)
 
-    @property
-    def b_shape(self) -> tuple[int, int]:
-        g = self.layout.geometry
-        return 2 * g.half_rows, 2 * g.half_cols
+    def b_values(self, coef: torch.Tensor, scaling: float) -> torch.Tensor:
+        return coef.to(torch.float32)[self.b_order] * scaling
 
-    def b_matrix(self, coef: torch.Tensor, scaling: float) -> torch.Tensor:
-        values = coef.to(torch.float32)[self.b_order] * scaling
-        return _csr(self.b_crow, self.b_col, values, self.b_shape)
+    def bt_values(self, coef: torch.Tensor, scaling: float) -> torch.Tensor:
+        return coef.to(torch.float32)[self.bt_order] * scaling
 
-    def b_pattern(self) -> torch.Tensor:
-        """``B``'s sparsity pattern with unit values, the mask of the sampled gradient product."""
-        ones = torch.ones(self.b_order.numel(), dtype=torch.float32, device=self.b_order.device)
-        return _csr(self.b_crow, self.b_col, ones, self.b_shape)
-
-    def bt_matrix(self, coef: torch.Tensor, scaling: float) -> torch.Tensor:
-        values = coef.to(torch.float32)[self.bt_order] * scaling
-        rows, cols = self.b_shape
-        return _csr(self.bt_crow, self.bt_col, values, (cols, rows))
+    def blocked(self, blocks: int) -> BlockFactors:
+        """The factors for ``blocks`` token blocks at once (cached: a sequence needs at most three counts)."""
+        if blocks not in self._blocked:
+            factors = [self.synth_rows, self.synth_rows_t, self.synth_cols, self.synth_cols_t, self.b_unit]
+            repeated = [_block_diagonal(f, blocks) for f in factors]
+            self._blocked[blocks] = BlockFactors(blocks, *repeated, self.b_unit, self.bt_unit)
+        return self._blocked[blocks]
 
 
 def build_plan(positions: torch.Tensor, shape: tuple[int, int], wavelet: str, device: torch.device) -> SparsePlan:
@@ -113,12 +140,17 @@ def build_plan(positions: torch.Tensor, shape: tuple[int, int], wavelet: str, de
     s_r, s_r_t = _synthesis_pair(g.out_features, g.half_rows, wavelet, torch.device(device))
     s_c, s_c_t = _synthesis_pair(g.in_features, g.half_cols, wavelet, torch.device(device))
     rows, cols = layout.synth_row, layout.synth_col
-    b_crow, b_col, b_order = _csr_structure(rows, cols, 2 * g.half_rows)
-    bt_crow, bt_col, bt_order = _csr_structure(cols, rows, 2 * g.half_cols)
+    b_shape = (2 * g.half_rows, 2 * g.half_cols)
+    b_unit, b_order = _unit_csr(rows, cols, b_shape)
+    bt_unit, bt_order = _unit_csr(cols, rows, b_shape[::-1])
     patches = patch_index(layout, wavelet, device)
-    return SparsePlan(
-        layout, wavelet, s_r, s_r_t, s_c, s_c_t, b_crow, b_col, b_order, bt_crow, bt_col, bt_order, patches
-    )
+    return SparsePlan(layout, wavelet, s_r, s_r_t, s_c, s_c_t, b_unit, b_order, bt_unit, bt_order, patches)
+
+
+def _unit_csr(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR with ones at ``(rows, cols)``, and the order that maps its slots to the entries given."""
+    crow, col, order = _csr_structure(rows, cols, shape[0])
+    return _csr(crow, col, torch.ones(col.numel(), device=col.device), shape), order
 
 
 def _spmm(csr: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -127,34 +159,71 @@ def _spmm(csr: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return torch.addmm(out, csr, dense, beta=0.0, out=out)
 
 
-def features_major(t: torch.Tensor) -> torch.Tensor:
-    """``(T, F)`` activations as a contiguous float32 ``F x T`` matrix."""
-    return t.to(torch.float32).t().contiguous()
+BLOCK_TOKENS = 64
+CHUNK_ELEMENTS = 1 << 19
 
 
-def token_chunks(tokens: int, plan: SparsePlan) -> range:
-    """Chunk starts over the tokens, so each features-major temporary holds at most ~``CHUNK_ELEMENTS``.
+@dataclass(frozen=True)
+class TokenChunk:
+    """``blocks`` consecutive blocks of ``block`` tokens from token ``start`` on."""
 
-    The transposed copies and analyses are memory the frozen base does not need; chunking keeps that extra
-    peak to a few MB whatever the resolution, at the price of a few more (cheap) kernel launches.
+    start: int
+    blocks: int
+    block: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.start + self.blocks * self.block)
+
+
+def token_chunks(tokens: int, plan: SparsePlan) -> list[TokenChunk]:
+    """Chunks of whole ``BLOCK_TOKENS`` blocks holding ~``CHUNK_ELEMENTS`` values each, then the remainder.
+
+    Chunking keeps the extra peak (blocked copies and analyses, memory the frozen base does not need) to a
+    few MB whatever the resolution; blocks keep each transposed copy small enough to stay in cache.
     """
     g = plan.layout.geometry
-    widest = max(2 * g.half_rows, 2 * g.half_cols)
-    return range(0, tokens, max(64, CHUNK_ELEMENTS // widest))
+    widest = max(2 * g.half_rows, 2 * g.half_cols, g.out_features, g.in_features)
+    per_chunk = max(1, CHUNK_ELEMENTS // (widest * BLOCK_TOKENS))
+    chunks, start = [], 0
+    while tokens - start >= BLOCK_TOKENS:
+        blocks = min(per_chunk, (tokens - start) // BLOCK_TOKENS)
+        chunks.append(TokenChunk(start, blocks, BLOCK_TOKENS))
+        start += blocks * BLOCK_TOKENS
+    if start < tokens:
+        chunks.append(TokenChunk(start, 1, tokens - start))
+    return chunks
 
 
-CHUNK_ELEMENTS = 1 << 19
+def to_blocks(t: torch.Tensor, chunk: TokenChunk) -> torch.Tensor:
+    """Tokens-major ``(T, F)`` rows of ``chunk`` as float32 ``(blocks F) x block``: each block features-major.
+
+    A whole-sequence transpose strides its writes by ``T`` and runs at a third of copy speed on CPU; block
+    by block, reads and writes stay in cache.
+    """
+    features = t.shape[1]
+    blocked = torch.empty(chunk.blocks, features, chunk.block, dtype=torch.float32, device=t.device)
+    blocked.copy_(t[chunk.rows].reshape(chunk.blocks, chunk.block, features).transpose(1, 2))
+    return blocked.view(chunk.blocks * features, chunk.block)
+
+
+def from_blocks(blocked: torch.Tensor, out: torch.Tensor, chunk: TokenChunk) -> None:
+    """Write a ``(blocks F) x block`` result into the tokens-major rows ``chunk`` of ``out``."""
+    features = out.shape[1]
+    rows = out[chunk.rows].view(chunk.blocks, chunk.block, features)
+    rows.copy_(blocked.view(chunk.blocks, features, chunk.block).transpose(1, 2))
 
 
 def delta_forward(x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
     """``x dW^T`` (float32, ``(T, out)``) for activations ``x`` flattened to ``(T, in)``."""
     g = plan.layout.geometry
     out = torch.empty(x.shape[0], g.out_features, dtype=torch.float32, device=x.device)
-    b_matrix = plan.b_matrix(coef, scaling)
-    step = token_chunks(x.shape[0], plan).step
-    for start in token_chunks(x.shape[0], plan):
-        analysed = _spmm(plan.synth_cols, features_major(x[start : start + step]))
-        out[start : start + step] = _spmm(plan.synth_rows_t, _spmm(b_matrix, analysed)).t()
+    b_values = plan.b_values(coef, scaling)
+    for chunk in token_chunks(x.shape[0], plan):
+        factors = plan.blocked(chunk.blocks)
+        analysed = _spmm(factors.synth_cols, to_blocks(x, chunk))
+        delta = _spmm(factors.synth_rows_t, _spmm(factors.b_matrix(b_values), analysed))
+        from_blocks(delta, out, chunk)
     return out
 
 
@@ -163,22 +232,25 @@ def delta_backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``dL/dc`` (float32 ``[p]``) and, if ``input_grad``, ``g dW`` (float32 ``(T, in)``).
 
-    ``grad`` and ``x`` are flattened to ``(T, out)`` and ``(T, in)``. Per token chunk:
-    ``dL/dc_k += s * sum_t (S_r g^T)[r_k, t] (S_c x^T)[c_k, t]`` -- one sampled dot product per coefficient.
+    ``grad`` and ``x`` are flattened to ``(T, out)`` and ``(T, in)``. Per block of tokens:
+    ``dL/dc_k += s * sum_t (S_r g^T)[r_k, t] (S_c x^T)[c_k, t]`` -- one sampled dot product per coefficient,
+    all blocks of a chunk in one call through block-diagonal factors.
     """
     g = plan.layout.geometry
-    sampled = torch.zeros(plan.b_order.numel(), dtype=torch.float32, device=x.device)
+    p = plan.b_order.numel()
+    sampled = torch.zeros(p, dtype=torch.float32, device=x.device)
     grad_x = torch.empty(x.shape[0], g.in_features, dtype=torch.float32, device=x.device) if input_grad else None
-    pattern = plan.b_pattern()
-    bt_matrix = plan.bt_matrix(coef, scaling) if input_grad else None
-    step = token_chunks(x.shape[0], plan).step
-    for start in token_chunks(x.shape[0], plan):
-        g_analysed = _spmm(plan.synth_rows, features_major(grad[start : start + step]))
-        x_analysed = _spmm(plan.synth_cols, features_major(x[start : start + step]))
-        sampled += torch.sparse.sampled_addmm(pattern, g_analysed, x_analysed.t(), beta=0.0).values()
-        del x_analysed
+    bt_values = plan.bt_values(coef, scaling) if input_grad else None
+    for chunk in token_chunks(x.shape[0], plan):
+        factors = plan.blocked(chunk.blocks)
+        g_analysed = _spmm(factors.synth_rows, to_blocks(grad, chunk))
+        x_analysed = _spmm(factors.synth_cols, to_blocks(x, chunk))
+        products = torch.sparse.sampled_addmm(factors.pattern, g_analysed, x_analysed.t(), beta=0.0)
+        sampled += products.values().view(chunk.blocks, p).sum(0)
+        del x_analysed, products
         if grad_x is not None:
-            grad_x[start : start + step] = _spmm(plan.synth_cols_t, _spmm(bt_matrix, g_analysed)).t()
+            grad_x_blocks = _spmm(factors.synth_cols_t, _spmm(factors.bt_matrix(bt_values), g_analysed))
+            from_blocks(grad_x_blocks, grad_x, chunk)
     grad_coef = torch.empty_like(sampled)
     grad_coef[plan.b_order] = sampled * scaling
     return grad_coef, grad_x
