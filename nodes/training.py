@@ -108,7 +108,7 @@ class WaveFTTrain(io.ComfyNode):
                 name_to_prefix=lambda name: kohya_name("unet", name),
                 progress=watch.progress, should_stop=watch.should_stop,
                 metadata={"ss_base_model_version": base_model_version(model)},
-                set_gradient_checkpointing=checkpointing_hook(unet),
+                set_gradient_checkpointing=checkpointing_hook(unet), input_dtype=dtype,
             )
         adapter = AdapterFile(result.layers, result.metadata)
         if watch.cancelled:  # keep the last completed step on disk, then let ComfyUI report the interrupt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -314,3 +315,24 @@ def test_inference_tensor_parameters_are_a_clear_error():
         model = ToyDenoiser()
     with pytest.raises(ValueError, match="parameter 'conv_in.weight' is an inference tensor"):
         train(model=model)
+
+
+@pytest.mark.parametrize("input_dtype", [None, torch.float64])
+def test_fp8_stored_model_gets_float_inputs(input_dtype):
+    """A model whose first parameter is fp8 (host-side storage, upcast per layer) must not get fp8 latents;
+    an explicit ``input_dtype`` (a ComfyUI model's compute dtype) wins."""
+    model = ToyDenoiser().double() if input_dtype == torch.float64 else ToyDenoiser()
+    model.register_parameter("scale_fp8", torch.nn.Parameter(torch.ones(2).to(torch.float8_e4m3fn), requires_grad=False))
+    model._parameters = {"scale_fp8": model._parameters.pop("scale_fp8"), **model._parameters}  # the first one
+    seen = []
+    denoise = toy_denoise(model)
+
+    def recording(noisy, timesteps, cond):
+        seen.append((noisy.dtype, cond["context"].dtype))
+        return denoise(noisy, timesteps, cond)
+
+    result = train_waveft(
+        model, recording, toy_data(), toy_settings(steps=2), name_to_prefix=toy_prefix, input_dtype=input_dtype
+    )
+    expected = input_dtype or torch.float32
+    assert seen and set(seen) == {(expected, expected)} and all(math.isfinite(x) for x in result.losses)

@@ -83,6 +83,14 @@ def _first_parameter(model: nn.Module) -> torch.Tensor:
     return floating[0]
 
 
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _compute_dtype(reference: torch.Tensor) -> torch.dtype:
+    # fp8 weights are storage only: hosts upcast them per layer, and fp8 inputs would wreck the latents
+    return reference.dtype if reference.dtype in COMPUTE_DTYPES else torch.float32
+
+
 @contextlib.contextmanager
 def prepared_model(
     model: nn.Module, checkpointing: bool, set_checkpointing: Callable[[bool], None] | None
@@ -308,6 +316,7 @@ def train_waveft(
     metadata: Mapping[str, str] | None = None,
     keep_attached: bool = False,
     set_gradient_checkpointing: Callable[[bool], None] | None = None,
+    input_dtype: torch.dtype | None = None,
 ) -> TrainResult:
     """Train WaveFT coefficients on ``model`` (the frozen denoiser ``denoise`` calls) and save them.
 
@@ -317,6 +326,8 @@ def train_waveft(
     adapter (and ``<stem>.waveft-state``) is written every ``settings.save_every`` steps, at the end, on a
     stop and after an error; with ``resume`` a matching state file continues the run exactly.
     ``should_stop()`` is checked before every step. ``metadata`` adds to the file's metadata.
+    ``input_dtype`` is what the noisy latents and the conditioning are cast to before ``denoise`` (default:
+    the model's parameter dtype, or float32 when that is a storage-only type such as fp8).
     The model is restored exactly on return (and on any error); ``keep_attached=True`` leaves the trained
     :class:`waveft_core.WaveFTLinear` layers in place after a successful or stopped run.
     """
@@ -336,7 +347,7 @@ def train_waveft(
             layers = core.attach_waveft(model, settings.waveft)
             attached = True
             ckpt.file_prefixes(layers, name_to_prefix)
-            run = _Run(layers, denoise, data, settings, reference.device, reference.dtype)
+            run = _Run(layers, denoise, data, settings, reference.device, input_dtype or _compute_dtype(reference))
             writer = _Writer(path, run, name_to_prefix, metadata)
             if resume and path is not None and ckpt.state_path(path).exists():
                 run.resume_from(ckpt.state_path(path))

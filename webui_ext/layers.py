@@ -15,7 +15,7 @@ import torch
 
 from ..waveft_core import AdapterFileError, LayerAdapter, layer_from_tensors, names
 
-log = logging.getLogger("waveft")
+log = logging.getLogger("WaveFT")
 
 WAVEFT_PREFIX = "waveft_"
 PATCH_TYPE = "waveft"
