@@ -111,6 +111,15 @@ def test_token_chunking_matches_dense(monkeypatch, trainable, chunk_elements):
     assert rel_error(layer.coef.grad, gc_ref) <= 1e-5
 
 
+def test_gpu_chunks_are_large():
+    """On a GPU each chunk is a dozen kernel launches: a 1024 px SDXL layer is one chunk there, many on CPU."""
+    import waveft_core.sparse_ops as sparse_ops
+
+    plan = WaveFTLinear(torch.nn.Linear(640, 640), 2592).plan(torch.device("cpu"))
+    assert [(c.blocks, c.block) for c in sparse_ops.token_chunks(4096, plan, torch.device("cuda"))] == [(64, 64)]
+    assert len(sparse_ops.token_chunks(4096, plan, torch.device("cpu"))) == 6
+
+
 def test_zero_init_is_a_no_op_and_base_is_frozen():
     base = torch.nn.Linear(12, 10)
     layer = WaveFTLinear(base, 20)

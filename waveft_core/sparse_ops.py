@@ -160,7 +160,8 @@ def _spmm(csr: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
 
 
 BLOCK_TOKENS = 64
-CHUNK_ELEMENTS = 1 << 19
+CHUNK_ELEMENTS = 1 << 19  # CPU: a chunk's temporaries stay in cache
+DEVICE_CHUNK_ELEMENTS = 1 << 23  # GPUs: few, large kernels; 32 MB temporaries are small next to a UNet step
 
 
 @dataclass(frozen=True)
@@ -176,15 +177,17 @@ class TokenChunk:
         return slice(self.start, self.start + self.blocks * self.block)
 
 
-def token_chunks(tokens: int, plan: SparsePlan) -> list[TokenChunk]:
+def token_chunks(tokens: int, plan: SparsePlan, device: torch.device | None = None) -> list[TokenChunk]:
     """Chunks of whole ``BLOCK_TOKENS`` blocks holding ~``CHUNK_ELEMENTS`` values each, then the remainder.
 
     Chunking keeps the extra peak (blocked copies and analyses, memory the frozen base does not need) to a
-    few MB whatever the resolution; blocks keep each transposed copy small enough to stay in cache.
+    few MB whatever the resolution; blocks keep each transposed copy small enough to stay in cache. Off
+    the CPU the budget is ``DEVICE_CHUNK_ELEMENTS``: there each chunk costs a dozen kernel launches.
     """
     g = plan.layout.geometry
     widest = max(2 * g.half_rows, 2 * g.half_cols, g.out_features, g.in_features)
-    per_chunk = max(1, CHUNK_ELEMENTS // (widest * BLOCK_TOKENS))
+    budget = CHUNK_ELEMENTS if device is None or device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    per_chunk = max(1, budget // (widest * BLOCK_TOKENS))
     chunks, start = [], 0
     while tokens - start >= BLOCK_TOKENS:
         blocks = min(per_chunk, (tokens - start) // BLOCK_TOKENS)
@@ -219,7 +222,7 @@ def delta_forward(x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling
     g = plan.layout.geometry
     out = torch.empty(x.shape[0], g.out_features, dtype=torch.float32, device=x.device)
     b_values = plan.b_values(coef, scaling)
-    for chunk in token_chunks(x.shape[0], plan):
+    for chunk in token_chunks(x.shape[0], plan, x.device):
         factors = plan.blocked(chunk.blocks)
         analysed = _spmm(factors.synth_cols, to_blocks(x, chunk))
         delta = _spmm(factors.synth_rows_t, _spmm(factors.b_matrix(b_values), analysed))
@@ -241,7 +244,7 @@ def delta_backward(
     sampled = torch.zeros(p, dtype=torch.float32, device=x.device)
     grad_x = torch.empty(x.shape[0], g.in_features, dtype=torch.float32, device=x.device) if input_grad else None
     bt_values = plan.bt_values(coef, scaling) if input_grad else None
-    for chunk in token_chunks(x.shape[0], plan):
+    for chunk in token_chunks(x.shape[0], plan, x.device):
         factors = plan.blocked(chunk.blocks)
         g_analysed = _spmm(factors.synth_rows, to_blocks(grad, chunk))
         x_analysed = _spmm(factors.synth_cols, to_blocks(x, chunk))
