@@ -234,3 +234,18 @@ def test_autocast_check_works_on_torch_without_device_argument(monkeypatch):
         with monkeypatch.context() as patch:  # patched inside: torch's own autocast code uses the new API
             patch.setattr(torch, "is_autocast_enabled", old_api)
             assert autocast_enabled("cpu")
+
+
+def test_autocast_output_dtype_is_the_linear_one():
+    """Under autocast the layer returns what ``nn.Linear`` returns (bf16), not a float32-promoted sum: ops
+    outside torch's autocast lists (SDPA on torch 2.1) refuse mixed q/k/v dtypes. Gradients still flow."""
+    torch.manual_seed(0)
+    layer = WaveFTLinear(torch.nn.Linear(32, 32), 40)
+    with torch.no_grad():
+        layer.coef.normal_()
+    x = torch.randn(3, 70, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, plain = layer(x), layer.base(x)
+    assert y.dtype == plain.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.coef.grad.abs().sum() > 0

@@ -9,6 +9,7 @@ import pytest
 import torch
 from trainer_toys import (  # noqa: F401  (one_thread: an autouse fixture)
     ToyDenoiser,
+    needs_cpu_fp16,
     one_thread,
     toy_data,
     toy_denoise,
@@ -72,7 +73,7 @@ def test_same_seed_same_run_and_global_rng_untouched():
     assert_same_coefs(coefs(a), coefs(b))
 
 
-@pytest.mark.parametrize("precision", ["no", "fp16"])
+@pytest.mark.parametrize("precision", ["no", pytest.param("fp16", marks=needs_cpu_fp16)])
 def test_resume_after_stop_equals_uninterrupted(tmp_path, precision):
     settings = toy_settings(steps=10, save_every=4, mixed_precision=precision)
     _, full = train(settings)
@@ -241,7 +242,7 @@ def test_batches_never_mix_bucket_shapes():
     "overrides",
     [
         {"mixed_precision": "bf16"},
-        {"mixed_precision": "fp16"},
+        pytest.param({"mixed_precision": "fp16"}, marks=needs_cpu_fp16),
         {"prediction_type": "v_prediction", "min_snr_gamma": 5.0},
         {"noise_offset": 0.05, "timestep_range": (200, 800), "lr_scheduler": "cosine", "warmup_steps": 2},
         {"max_grad_norm": None, "weight_decay": 0.0},
@@ -336,3 +337,40 @@ def test_fp8_stored_model_gets_float_inputs(input_dtype):
     )
     expected = input_dtype or torch.float32
     assert seen and set(seen) == {(expected, expected)} and all(math.isfinite(x) for x in result.losses)
+
+
+def test_mixed_precision_this_torch_cannot_autocast_is_refused_before_training(monkeypatch):
+    """torch 2.1 (A1111 1.10) cannot autocast fp16 on CPU, nor bf16 on pre-Ampere GPUs: a clear error, model
+    untouched, instead of a failure inside the first step."""
+    model = ToyDenoiser()
+    before = snapshot(model)
+
+    class Refusing:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("Currently, AutocastCPU only support Bfloat16 as the autocast_cpu_dtype")
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    monkeypatch.setattr(torch, "autocast", Refusing)
+    with pytest.raises(ValueError, match=r"mixed_precision='fp16' is not available on cpu .* choose bf16 or 'no'"):
+        train(toy_settings(steps=2, mixed_precision="fp16"), model=model)
+    assert_restored(model, before)
+
+
+@pytest.mark.parametrize("native_bf16,expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_is_fp16_on_gpus_without_native_bf16(monkeypatch, native_bf16, expected):
+    calls = []
+
+    def is_bf16_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return native_bf16 or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    settings = toy_settings(mixed_precision="auto")
+    assert settings.precision(torch.device("cuda")) == expected and calls == [False]
+    assert settings.precision(torch.device("cpu")) == "no"

@@ -19,6 +19,18 @@ from waveft_core.names import kohya_name
 DIM, CONTEXT, TOKENS = 32, 16, 3
 
 
+def _cpu_autocasts_fp16() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            return True
+    except RuntimeError:
+        return False
+
+
+# torch 2.1 (what A1111 1.10 ships; the suite may run under a host's torch) autocasts only bf16 on CPU
+needs_cpu_fp16 = pytest.mark.skipif(not _cpu_autocasts_fp16(), reason="this torch cannot autocast fp16 on CPU")
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models run fastest on one thread, and threads that spin-wait for each other make a run on a busy

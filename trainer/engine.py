@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,23 @@ def _grad_scaler(device: torch.device, enabled: bool) -> Any:
     return torch.cuda.amp.GradScaler(enabled=enabled and device.type == "cuda")
 
 
+def _check_autocast(device: torch.device, precision: str) -> None:
+    """Refuse, before the first step, a mixed precision this torch cannot autocast on ``device``."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch 2.1 warns, then raises on entry: the error is what we report
+            with torch.autocast(device.type, dtype=dtype):
+                pass
+    except RuntimeError as err:
+        raise ValueError(
+            f"mixed_precision={precision!r} is not available on {device.type} with torch {torch.__version__} "
+            f"({err}); choose {'bf16' if precision == 'fp16' else 'fp16'} or 'no'"
+        ) from None
+
+
 @contextlib.contextmanager
 def _model_rng(device: torch.device, seed: int) -> Iterator[None]:
     """Seed the global RNGs of the CPU and ``device`` (the model's dropout uses them) and restore them after,
@@ -165,6 +183,7 @@ class _Run:
         self.precision = settings.precision(device)
         self.params = [layer.coef for layer in layers.values()]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        _check_autocast(device, self.precision)
         self.scaler = _grad_scaler(device, enabled=self.precision == "fp16")
         self.schedule = BatchSchedule(data.buckets, settings.batch_size, settings.seed)
         abar = diff.alphas_cumprod(settings.num_train_timesteps, settings.beta_start, settings.beta_end)

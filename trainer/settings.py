@@ -128,7 +128,9 @@ class TrainSettings:
         """The effective mixed precision on ``device`` (resolves ``"auto"``)."""
         if self.mixed_precision != "auto":
             return self.mixed_precision
-        return "bf16" if torch.device(device).type == "cuda" else "no"
+        if torch.device(device).type != "cuda":
+            return "no"
+        return "bf16" if _native_bf16() else "fp16"  # pre-Ampere cards (T4, 20xx, 10xx): fp16
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (the inverse is ``TrainSettings(**d)``)."""
@@ -149,3 +151,13 @@ class TrainSettings:
             out.pop("steps")
         out["mixed_precision"] = self.precision(torch.device(device))
         return out
+
+
+def _native_bf16() -> bool:
+    """Whether the current CUDA device computes in bf16 natively (emulated bf16 is slow, torch 2.1 refuses it)."""
+    if not torch.cuda.is_available():  # nothing to ask (settings resolved for a device this machine lacks)
+        return True
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.4 has no including_emulation, and counts no emulation anyway
+        return bool(torch.cuda.is_bf16_supported())

@@ -75,11 +75,11 @@ class _MergedLinearFn(torch.autograd.Function):
 
 class _DeltaFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x, coef, plan: SparsePlan, scaling: float):  # type: ignore[override]
+    def forward(ctx: Any, x, coef, plan: SparsePlan, scaling: float, out_dtype: torch.dtype):  # type: ignore[override]
         ctx.save_for_backward(x, coef)
         ctx.plan, ctx.scaling = plan, scaling
         delta = delta_forward(_tokens(x), coef, plan, scaling)
-        return delta.reshape(*x.shape[:-1], delta.shape[-1]).to(x.dtype)
+        return delta.reshape(*x.shape[:-1], delta.shape[-1]).to(out_dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
@@ -89,7 +89,7 @@ class _DeltaFn(torch.autograd.Function):
         )
         if grad_x is not None:
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
-        return grad_x, grad_coef if ctx.needs_input_grad[1] else None, None, None
+        return grad_x, grad_coef if ctx.needs_input_grad[1] else None, None, None, None
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -100,9 +100,12 @@ def autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-def waveft_delta(x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
-    """``x dW^T`` (differentiable in ``x`` and ``coef``) without forming ``dW``."""
-    return _DeltaFn.apply(x, coef, plan, float(scaling))
+def waveft_delta(
+    x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``x dW^T`` (differentiable in ``x`` and ``coef``) without forming ``dW``, as ``out_dtype`` (default
+    ``x.dtype``)."""
+    return _DeltaFn.apply(x, coef, plan, float(scaling), out_dtype or x.dtype)
 
 
 def waveft_linear(
@@ -123,7 +126,10 @@ def waveft_linear(
     )
     if merged_ok:
         return _MergedLinearFn.apply(x, coef, weight, bias, plan, float(scaling))
-    return F.linear(x, weight, bias) + waveft_delta(x, coef, plan, scaling)
+    # under autocast the base output is in the autocast dtype: the sum must be too (float32 x would
+    # otherwise promote it, and ops outside torch's autocast lists then see mixed dtypes)
+    base = F.linear(x, weight, bias)
+    return base + waveft_delta(x, coef, plan, scaling, base.dtype)
 
 
 class WaveFTLinear(nn.Module):
