@@ -68,17 +68,20 @@ def _csr_structure(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> tuple
     return crow, cols[order].contiguous(), order
 
 
-def _block_diagonal(csr: torch.Tensor, blocks: int, values: torch.Tensor | None = None) -> torch.Tensor:
-    """CSR ``blockdiag(M, ..., M)`` of ``blocks`` copies of CSR ``M`` (with ``values`` in place of ``M``'s)."""
-    if blocks == 1 and values is None:
+def _block_diagonal(csr: torch.Tensor, blocks: int) -> torch.Tensor:
+    """CSR ``blockdiag(M, ..., M)`` of ``blocks`` copies of CSR ``M``."""
+    if blocks == 1:
         return csr
     crow, col = csr.crow_indices(), csr.col_indices()
     rows, cols = csr.shape
     offsets = torch.arange(blocks, device=col.device)[:, None]
     crow_blocks = torch.cat([(crow[:-1][None] + offsets * col.numel()).reshape(-1), crow[-1:] * blocks])
     col_blocks = (col[None] + offsets * cols).reshape(-1)
-    values = csr.values() if values is None else values
-    return _csr(crow_blocks, col_blocks, values.repeat(blocks), (blocks * rows, blocks * cols))
+    return _csr(crow_blocks, col_blocks, csr.values().repeat(blocks), (blocks * rows, blocks * cols))
+
+
+def _with_values(pattern: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return _csr(pattern.crow_indices(), pattern.col_indices(), values, tuple(pattern.shape))
 
 
 @dataclass
@@ -91,14 +94,14 @@ class BlockFactors:
     synth_cols: torch.Tensor
     synth_cols_t: torch.Tensor
     pattern: torch.Tensor  # B's sparsity pattern with unit values: the mask of the sampled gradient product
-    b_unit: torch.Tensor
-    bt_unit: torch.Tensor
+    pattern_t: torch.Tensor  # B^T's
 
     def b_matrix(self, values: torch.Tensor) -> torch.Tensor:
-        return _block_diagonal(self.b_unit, self.blocks, values)
+        """Block-diagonal ``B`` from its values in CSR order (the structure is reused: a GPU pays per kernel)."""
+        return _with_values(self.pattern, values.repeat(self.blocks) if self.blocks > 1 else values)
 
     def bt_matrix(self, values: torch.Tensor) -> torch.Tensor:
-        return _block_diagonal(self.bt_unit, self.blocks, values)
+        return _with_values(self.pattern_t, values.repeat(self.blocks) if self.blocks > 1 else values)
 
 
 @dataclass
@@ -127,9 +130,8 @@ class SparsePlan:
     def blocked(self, blocks: int) -> BlockFactors:
         """The factors for ``blocks`` token blocks at once (cached: a sequence needs at most three counts)."""
         if blocks not in self._blocked:
-            factors = [self.synth_rows, self.synth_rows_t, self.synth_cols, self.synth_cols_t, self.b_unit]
-            repeated = [_block_diagonal(f, blocks) for f in factors]
-            self._blocked[blocks] = BlockFactors(blocks, *repeated, self.b_unit, self.bt_unit)
+            factors = [self.synth_rows, self.synth_rows_t, self.synth_cols, self.synth_cols_t, self.b_unit, self.bt_unit]
+            self._blocked[blocks] = BlockFactors(blocks, *[_block_diagonal(f, blocks) for f in factors])
         return self._blocked[blocks]
 
 
