@@ -47,6 +47,10 @@ def _coo_to_csr(coo: torch.Tensor) -> torch.Tensor:
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    # int32 indices where they fit: MKL's CSR kernels take only those, and torch would convert int64 ones
+    # on every product (a copy, and a kernel launch on a GPU)
+    if max(shape) < 2**31 and col.numel() < 2**31:
+        crow, col = crow.to(torch.int32), col.to(torch.int32)
     # torch warns once per process that CSR support is "beta": noise in a host's console, not a user problem
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
