@@ -27,17 +27,10 @@ import torch
 from _common import median_seconds
 
 from waveft_core import WaveFTConfig, attach_waveft, detach_waveft, waveft_layers
+from waveft_core.names import SDXL_DIFFUSERS_UNET
 
 warnings.filterwarnings("ignore")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)  # fmt: skip
 
 
 def make_step(unet: torch.nn.Module, resolution: int, device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
@@ -167,7 +160,7 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     start = time.perf_counter()
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SDXL_UNET).to(device, dtype).requires_grad_(False)
+    unet = UNet2DConditionModel(**SDXL_DIFFUSERS_UNET).to(device, dtype).requires_grad_(False)
     print(f"torch {torch.__version__}, {device}, {args.dtype}, {args.resolution} px, threads {torch.get_num_threads()};"
           f" UNet built in {time.perf_counter() - start:.0f} s; 560 attention Linears adapted, n=2592, db1")
     step = make_step(unet, args.resolution, device, dtype)

@@ -13,21 +13,13 @@ from safetensors.torch import load_file, save_file
 from waveft_core import LayerAdapter, load_adapter, save_adapter
 from waveft_core.cli import main
 from waveft_core.names import (
+    SDXL_DIFFUSERS_UNET,
     kohya_name,
     sdxl_attention_shapes,
     sdxl_kohya_table,
     sdxl_unet_linears,
     unet_diffusers_to_ldm,
     unet_ldm_to_diffusers,
-)
-
-SDXL_UNET_CONFIG = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
 )
 
 
@@ -37,7 +29,7 @@ def sdxl_unet_linears_diffusers() -> dict[str, tuple[int, int]]:
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        unet = UNet2DConditionModel(**SDXL_DIFFUSERS_UNET)
     return {n: (m.out_features, m.in_features) for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
 
 

@@ -18,6 +18,16 @@ import re
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
 
+# diffusers ``UNet2DConditionModel(**SDXL_DIFFUSERS_UNET)`` is SDXL's UNet (random weights): tests and benchmarks
+SDXL_DIFFUSERS_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)  # fmt: skip
+
 # level -> (channels, transformer depth) of SDXL's attention levels; level 0 has no attention
 _SDXL_DOWN = {1: (640, 2), 2: (1280, 10)}
 _SDXL_UP = {0: (1280, 10), 1: (640, 2)}
