@@ -374,3 +374,8 @@ def test_auto_precision_is_fp16_on_gpus_without_native_bf16(monkeypatch, native_
     settings = toy_settings(mixed_precision="auto")
     assert settings.precision(torch.device("cuda")) == expected and calls == [False]
     assert settings.precision(torch.device("cpu")) == "no"
+    # a half-precision model keeps its own type whatever the card prefers
+    assert settings.precision(torch.device("cuda"), torch.float16) == "fp16"
+    assert settings.precision(torch.device("cuda"), torch.bfloat16) == "bf16"
+    assert settings.precision(torch.device("cuda"), torch.float32) == expected
+    assert settings.precision(torch.device("cpu"), torch.float16) == "no"

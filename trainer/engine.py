@@ -180,7 +180,7 @@ class _Run:
     ) -> None:
         self.layers, self.denoise, self.data, self.settings = layers, denoise, data, settings
         self.device, self.input_dtype = device, input_dtype
-        self.precision = settings.precision(device)
+        self.precision = settings.precision(device, input_dtype)
         self.params = [layer.coef for layer in layers.values()]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         _check_autocast(device, self.precision)
@@ -194,7 +194,7 @@ class _Run:
     def fingerprint(self) -> dict[str, Any]:
         shapes = {name: [*layer.shape, layer.coef.numel()] for name, layer in self.layers.items()}
         raw = {
-            "settings": self.settings.trajectory_dict(self.device),
+            "settings": self.settings.trajectory_dict(self.device, self.input_dtype),
             "data": self.data.fingerprint(),
             "layers": shapes,
         }

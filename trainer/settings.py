@@ -124,13 +124,18 @@ class TrainSettings:
                 f" got {lo_hi!r}"
             )
 
-    def precision(self, device: torch.device) -> str:
-        """The effective mixed precision on ``device`` (resolves ``"auto"``)."""
+    def precision(self, device: torch.device, model_dtype: torch.dtype | None = None) -> str:
+        """The effective mixed precision on ``device`` (resolves ``"auto"``).
+
+        ``"auto"``: none on CPU; on a GPU the model's own half type if it has one (an fp16 UNet autocast to
+        bf16 would be cast back and forth), else bf16 where the card has it natively, else fp16.
+        """
         if self.mixed_precision != "auto":
             return self.mixed_precision
         if torch.device(device).type != "cuda":
             return "no"
-        return "bf16" if _native_bf16() else "fp16"  # pre-Ampere cards (T4, 20xx, 10xx): fp16
+        own = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model_dtype)  # type: ignore[arg-type]
+        return own or ("bf16" if _native_bf16() else "fp16")  # pre-Ampere cards (T4, 20xx, 10xx): fp16
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (the inverse is ``TrainSettings(**d)``)."""
@@ -138,7 +143,9 @@ class TrainSettings:
         out["timestep_range"] = list(self.timestep_range)
         return out
 
-    def trajectory_dict(self, device: torch.device | str = "cpu") -> dict[str, Any]:
+    def trajectory_dict(
+        self, device: torch.device | str = "cpu", model_dtype: torch.dtype | None = None
+    ) -> dict[str, Any]:
         """The settings a resumed run must share with the saved one.
 
         Saving, naming and (for a constant schedule, whose learning rate does not depend on it) ``steps`` may
@@ -149,7 +156,7 @@ class TrainSettings:
             out.pop(key)
         if self.lr_scheduler == "constant":
             out.pop("steps")
-        out["mixed_precision"] = self.precision(torch.device(device))
+        out["mixed_precision"] = self.precision(torch.device(device), model_dtype)
         return out
 
 
