@@ -51,10 +51,22 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tup
     # on every product (a copy, and a kernel launch on a GPU)
     if max(shape) < 2**31 and col.numel() < 2**31:
         crow, col = crow.to(torch.int32), col.to(torch.int32)
-    # torch warns once per process that CSR support is "beta": noise in a host's console, not a user problem
+    return _quiet_csr(crow, col, values, shape)
+
+
+_CSR_WARNED = False
+
+
+def _quiet_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    global _CSR_WARNED
+    if _CSR_WARNED:  # torch warns once per process, so only the first construction needs the (slow) filter
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    # that warning says CSR support is "beta": noise in a host's console, not a user problem
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+        tensor = torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    _CSR_WARNED = True
+    return tensor
 
 
 @functools.lru_cache(maxsize=64)
@@ -85,7 +97,7 @@ def _block_diagonal(csr: torch.Tensor, blocks: int) -> torch.Tensor:
 
 
 def _with_values(pattern: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    return _csr(pattern.crow_indices(), pattern.col_indices(), values, tuple(pattern.shape))
+    return _quiet_csr(pattern.crow_indices(), pattern.col_indices(), values, tuple(pattern.shape))
 
 
 @dataclass
@@ -183,7 +195,7 @@ class TokenChunk:
         return slice(self.start, self.start + self.blocks * self.block)
 
 
-def token_chunks(tokens: int, plan: SparsePlan, device: torch.device | None = None) -> list[TokenChunk]:
+def token_chunks(tokens: int, plan: SparsePlan, device: torch.device | None = None) -> tuple[TokenChunk, ...]:
     """Chunks of whole ``BLOCK_TOKENS`` blocks holding ~``CHUNK_ELEMENTS`` values each, then the remainder.
 
     Chunking keeps the extra peak (blocked copies and analyses, memory the frozen base does not need) to a
@@ -193,15 +205,19 @@ def token_chunks(tokens: int, plan: SparsePlan, device: torch.device | None = No
     g = plan.layout.geometry
     widest = max(2 * g.half_rows, 2 * g.half_cols, g.out_features, g.in_features)
     budget = CHUNK_ELEMENTS if device is None or device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
-    per_chunk = max(1, budget // (widest * BLOCK_TOKENS))
+    return _chunks(tokens, max(1, budget // (widest * BLOCK_TOKENS)), BLOCK_TOKENS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _chunks(tokens: int, per_chunk: int, block: int) -> tuple[TokenChunk, ...]:
     chunks, start = [], 0
-    while tokens - start >= BLOCK_TOKENS:
-        blocks = min(per_chunk, (tokens - start) // BLOCK_TOKENS)
-        chunks.append(TokenChunk(start, blocks, BLOCK_TOKENS))
-        start += blocks * BLOCK_TOKENS
+    while tokens - start >= block:
+        blocks = min(per_chunk, (tokens - start) // block)
+        chunks.append(TokenChunk(start, blocks, block))
+        start += blocks * block
     if start < tokens:
         chunks.append(TokenChunk(start, 1, tokens - start))
-    return chunks
+    return tuple(chunks)
 
 
 def to_blocks(t: torch.Tensor, chunk: TokenChunk) -> torch.Tensor:
