@@ -78,8 +78,8 @@ class _DeltaFn(torch.autograd.Function):
     def forward(ctx: Any, x, coef, plan: SparsePlan, scaling: float, out_dtype: torch.dtype):  # type: ignore[override]
         ctx.save_for_backward(x, coef)
         ctx.plan, ctx.scaling = plan, scaling
-        delta = delta_forward(_tokens(x), coef, plan, scaling)
-        return delta.reshape(*x.shape[:-1], delta.shape[-1]).to(out_dtype)
+        delta = delta_forward(_tokens(x), coef, plan, scaling, out_dtype)
+        return delta.reshape(*x.shape[:-1], delta.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
@@ -88,7 +88,7 @@ class _DeltaFn(torch.autograd.Function):
             _tokens(grad_out), _tokens(x), coef, ctx.plan, ctx.scaling, input_grad=ctx.needs_input_grad[0]
         )
         if grad_x is not None:
-            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+            grad_x = grad_x.reshape(x.shape)
         return grad_x, grad_coef if ctx.needs_input_grad[1] else None, None, None, None
 
 

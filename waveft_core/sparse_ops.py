@@ -239,10 +239,13 @@ def from_blocks(blocked: torch.Tensor, out: torch.Tensor, chunk: TokenChunk) -> 
     rows.copy_(blocked.view(chunk.blocks, features, chunk.block).transpose(1, 2))
 
 
-def delta_forward(x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
-    """``x dW^T`` (float32, ``(T, out)``) for activations ``x`` flattened to ``(T, in)``."""
+def delta_forward(
+    x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``x dW^T`` (``(T, out)``) for activations ``x`` flattened to ``(T, in)``: computed in float32, rounded
+    once to ``dtype`` as it is written out."""
     g = plan.layout.geometry
-    out = torch.empty(x.shape[0], g.out_features, dtype=torch.float32, device=x.device)
+    out = torch.empty(x.shape[0], g.out_features, dtype=dtype, device=x.device)
     b_values = plan.b_values(coef, scaling)
     for chunk in token_chunks(x.shape[0], plan, x.device):
         factors = plan.blocked(chunk.blocks)
@@ -255,7 +258,8 @@ def delta_forward(x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling
 def delta_backward(
     grad: torch.Tensor, x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float, input_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``dL/dc`` (float32 ``[p]``) and, if ``input_grad``, ``g dW`` (float32 ``(T, in)``).
+    """``dL/dc`` (float32 ``[p]``) and, if ``input_grad``, ``g dW`` (``(T, in)`` in ``x``'s dtype, computed in
+    float32).
 
     ``grad`` and ``x`` are flattened to ``(T, out)`` and ``(T, in)``. Per block of tokens:
     ``dL/dc_k += s * sum_t (S_r g^T)[r_k, t] (S_c x^T)[c_k, t]`` -- one sampled dot product per coefficient,
@@ -264,7 +268,7 @@ def delta_backward(
     g = plan.layout.geometry
     p = plan.b_order.numel()
     sampled = torch.zeros(p, dtype=torch.float32, device=x.device)
-    grad_x = torch.empty(x.shape[0], g.in_features, dtype=torch.float32, device=x.device) if input_grad else None
+    grad_x = torch.empty(x.shape[0], g.in_features, dtype=x.dtype, device=x.device) if input_grad else None
     bt_values = plan.bt_values(coef, scaling) if input_grad else None
     for chunk in token_chunks(x.shape[0], plan, x.device):
         factors = plan.blocked(chunk.blocks)
