@@ -85,7 +85,8 @@ class WaveFTTrain(io.ComfyNode):
                 io.Int.Input("seed", default=777, min=0, max=MAX_SEED, tooltip="Training randomness (noise, timesteps, order); fixed so re-queueing reuses the result."),
                 io.String.Input("target_pattern", default=SDXL_ATTENTION_PATTERN, tooltip="Regex of the Linear layers to adapt."),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Less memory, about 30% slower."),
-                io.Combo.Input("precision", options=["auto", "bf16", "fp16", "no"], default="auto"),
+                io.Combo.Input("precision", options=["auto", "bf16", "fp16", "no"], default="auto",
+                               tooltip="Autocast. auto: the model's own half type on a GPU (bf16 where the card has it, else fp16), none on CPU."),
                 io.String.Input("name", default="waveft_subject", tooltip="Recorded in the adapter; used for the file saved on Cancel."),
             ],
             outputs=[
