@@ -7,9 +7,11 @@ With ``dW = s * S_r^T B S_c`` (see :mod:`waveft_core.functional`) and activation
     dL/dc_k       = s * sum_t (S_r g^T)[r_k, t] * (S_c x^T)[c_k, t]    (a sampled product, one dot per coefficient)
 
 Everything runs "features-major" (``features x tokens``): CPU sparse kernels (CSR times dense, sampled
-products) are an order of magnitude faster on contiguous rows than on strided columns, so one transpose of
-``x`` and of ``g`` buys the cheap kernels. Costs are O(tokens * (p + L * features)) instead of
-O(tokens * out * in). The maths is kept in float32 whatever the activations' dtype.
+products) are an order of magnitude faster on contiguous rows than on strided columns, so a transpose of
+``x`` and of ``g`` buys the cheap kernels. The transpose is done per block of 64 tokens (a whole-sequence
+one is three times slower on CPU), and the blocks of a chunk go through block-diagonal copies of the
+factors in one call each. Costs are O(tokens * (p + L * features)) instead of O(tokens * out * in). The
+maths is kept in float32 whatever the activations' dtype.
 """
 
 from __future__ import annotations
