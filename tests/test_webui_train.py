@@ -235,6 +235,11 @@ def test_bad_requests_are_clear_errors(tmp_path, overrides, message):
 def test_blockers_stop_a_run_before_anything_happens(tmp_path):
     assert train_a1111.blockers_for(SimpleNamespace(is_sdxl=False), False)[0].startswith("load an SDXL")
     assert "medvram" in train_a1111.blockers_for(SimpleNamespace(is_sdxl=True), True)[0]
+    unet = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    sdxl = SimpleNamespace(is_sdxl=True, model=SimpleNamespace(diffusion_model=unet))
+    assert train_a1111.blockers_for(sdxl, False) == []
+    unet.to(torch.float8_e4m3fn)  # what A1111 does with "FP8 weight" on
+    assert "FP8 weight" in train_a1111.blockers_for(sdxl, False)[0]
     env = pieces(tmp_path, blockers=["load an SDXL checkpoint first"])
     with pytest.raises(ValueError, match="SDXL checkpoint"):
         train_a1111.run_training(request(write_images(tmp_path / "imgs", [(64, 64)])), env.host)

@@ -153,7 +153,19 @@ def blockers_for(sd_model: Any, lowvram: bool) -> list[str]:
         reasons.append("load an SDXL checkpoint first (WaveFT training here is for SDXL)")
     if lowvram:
         reasons.append("training needs the whole UNet on the GPU: restart without --medvram/--lowvram")
+    if _stores_fp8(sd_model):
+        reasons.append(
+            "the UNet weights are stored in FP8 (Settings > Optimizations > FP8 weight), which training cannot"
+            " multiply by: set it to Disable and reload the checkpoint"
+        )
     return reasons
+
+
+def _stores_fp8(sd_model: Any) -> bool:
+    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    if not isinstance(unet, torch.nn.Module):
+        return False
+    return any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in unet.parameters())
 
 
 def release_networks(networks: Any, unet_wrapper: torch.nn.Module) -> None:
