@@ -88,8 +88,8 @@ def test_base_weight_is_bit_identical_after_training_steps(inference_weights):
 def test_token_chunking_matches_dense(monkeypatch, trainable, chunk_elements):
     """Long sequences run in chunks of 64-token blocks plus a partial block; results must not change.
 
-    ``CHUNK_ELEMENTS = 1``: one block per chunk (64, 64, 22 tokens); the default: two blocks in one
-    block-diagonal call, then the 22-token remainder.
+    300 tokens. ``CHUNK_ELEMENTS = 1``: one 64-token block per chunk, four times, then the 44-token rest;
+    the default: four blocks in one block-diagonal call, then the rest.
     """
     import waveft_core.sparse_ops as sparse_ops
 
