@@ -288,3 +288,18 @@ def test_train_clicked_streams_status_then_a_summary_and_loss_plot(tmp_path, mon
     status, plot = outputs[-1]
     assert status.startswith("Trained 3 steps") and "<waveft:my adapter:1>" in status
     assert plot.shape[2] == 3 and plot.dtype.name == "uint8"
+
+
+def test_tab_builds_with_the_installed_gradio():
+    """The tab's layout and events with real gradio (A1111 1.10 ships 3.41, Forge 4.x): labels, one Train event
+    with the twelve inputs the handler takes, and the Interrupt event."""
+    gr = pytest.importorskip("gradio", reason="gradio is not installed (A1111 1.10 ships 3.41, Forge 4.x)")
+    [(blocks, title, elem_id)] = train_tab.create_tab()
+    assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("WaveFT Train", "waveft_train")
+    config = blocks.get_config_file()
+    labels = {c.get("props", {}).get("label") for c in config["components"]}
+    assert {"Training images", "Instance prompt", "Budget p per layer", "Wavelet", "Status", "Loss"} <= labels
+    events = sorted(config["dependencies"], key=lambda d: -len(d["inputs"]))
+    assert [(len(d["inputs"]), len(d["outputs"])) for d in events] == [(12, 2), (0, 0)]
+    wavelets = next(c for c in config["components"] if c.get("props", {}).get("label") == "Wavelet")["props"]
+    assert "db1" in str(wavelets["choices"]) and "coif17" in str(wavelets["choices"])
