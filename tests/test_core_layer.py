@@ -251,13 +251,16 @@ def test_autocast_output_dtype_is_the_linear_one():
     assert x.grad.dtype == torch.float32 and layer.coef.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("wavelet,tokens,patched", [("db1", 8, True), ("db20", 8, False), ("db20", 4096, True)])
+@pytest.mark.parametrize(
+    "wavelet,tokens,patched", [("db1", 8, True), ("db8", 8, False), ("db8", 4096, True), ("db20", 4096, False)]
+)
 def test_patching_only_where_it_is_cheaper(wavelet, tokens, patched):
-    """A long filter paints p L^2 weight entries (db20: 1600 per coefficient): with few tokens the update goes
-    through the activations instead, leaving W alone; Haar always patches. Both give the dense result."""
+    """A long filter paints p L^2 weight entries (db8: 256 per coefficient): with few tokens the update goes
+    through the activations instead, leaving W alone; Haar always patches; and never when the taps outnumber
+    the weight's entries four times (db20: 1600 per coefficient). Both paths give the dense result."""
     torch.manual_seed(0)
     base = torch.nn.Linear(96, 80)
-    layer = WaveFTLinear(base, 40, wavelet)
+    layer = WaveFTLinear(base, 100, wavelet)
     with torch.no_grad():
         layer.coef.normal_()
     x = torch.randn(tokens, 96, requires_grad=True)
@@ -268,3 +271,16 @@ def test_patching_only_where_it_is_cheaper(wavelet, tokens, patched):
     assert (base.weight._version != version) == patched  # each patch and restore writes W in place
     y_ref, gx_ref, gc_ref = _dense_reference(layer, x, grad)
     assert rel_error(y, y_ref) <= 1e-5 and rel_error(x.grad, gx_ref) <= 1e-5 and rel_error(layer.coef.grad, gc_ref) <= 1e-5
+
+
+def test_layers_with_the_same_positions_share_one_plan():
+    """SDXL's 560 attention projections come in 4 shapes: one plan per shape, not per layer (per-layer plans
+    took 4 GB for db4). The scatter index is built only when a weight is patched."""
+    a, b = WaveFTLinear(torch.nn.Linear(48, 40), 60, "db4"), WaveFTLinear(torch.nn.Linear(48, 40), 60, "db4")
+    other = WaveFTLinear(torch.nn.Linear(48, 40), 60, "db4", seed=1)
+    cpu = torch.device("cpu")
+    assert a.plan(cpu) is b.plan(cpu) and other.plan(cpu) is not a.plan(cpu)
+    assert "patches" not in vars(other.plan(cpu))  # functools.cached_property stores it on first use
+    other.base.requires_grad_(True)  # activation side only
+    other(torch.randn(3, 48)).sum().backward()
+    assert "patches" not in vars(other.plan(cpu))

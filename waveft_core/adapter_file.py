@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from .functional import PatchIndex, add_delta_, delta_weight, patch_index, patch_layout
 from .layer import waveft_delta
 from .positions import check_positions, sample_positions
-from .sparse_ops import build_plan
+from .sparse_ops import shared_plan
 from .wavelets import check_wavelet
 
 FORMAT_VERSION = "1"
@@ -104,7 +104,7 @@ class LayerAdapter:
     def activation_delta(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         """``strength * x dW^T`` from the activations, never forming ``dW`` (bypass-style application)."""
         if x.device not in self._cache:
-            self._cache[x.device] = build_plan(self.flat_positions(), self.shape, self.wavelet, x.device)
+            self._cache[x.device] = shared_plan(self.flat_positions(), self.shape, self.wavelet, x.device)
         coef = self.coef.to(x.device)
         return waveft_delta(x, coef, self._cache[x.device], self.scaling * float(strength))
 

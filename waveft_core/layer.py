@@ -23,7 +23,7 @@ from torch import nn
 
 from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight
 from .positions import DEFAULT_SEED, check_positions, sample_positions
-from .sparse_ops import SparsePlan, build_plan, delta_backward, delta_forward
+from .sparse_ops import SparsePlan, delta_backward, delta_forward, shared_plan
 from .wavelets import check_wavelet
 
 
@@ -115,10 +115,13 @@ def waveft_delta(
 # 1280 x 1024 1.46x patched against 1.33x, and db20 there 2.2x against 1.34x.
 PATCH_MAX_FRACTION = 0.5
 PATCH_ALWAYS_ENTRIES = 1 << 14
+PATCH_MAX_WEIGHT_MULTIPLE = 4
 
 
 def _patching_is_cheaper(x: torch.Tensor, plan: SparsePlan) -> bool:
-    entries = plan.patches.flat.numel()
+    entries = plan.patch_entries
+    if entries > PATCH_MAX_WEIGHT_MULTIPLE * plan.layout.geometry.out_features * plan.layout.geometry.in_features:
+        return False  # the scatter's index alone would dwarf the weight (coif17: 27 M taps per SDXL layer)
     return entries <= PATCH_ALWAYS_ENTRIES or entries <= PATCH_MAX_FRACTION * x.numel()
 
 
@@ -190,7 +193,7 @@ class WaveFTLinear(nn.Module):
 
     def plan(self, device: torch.device) -> SparsePlan:
         if device not in self._plans:
-            self._plans[device] = build_plan(self.positions, self.shape, self.wavelet, device)
+            self._plans[device] = shared_plan(self.positions, self.shape, self.wavelet, device)
         return self._plans[device]
 
     def delta_weight(self) -> torch.Tensor:
