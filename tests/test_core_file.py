@@ -209,3 +209,27 @@ def test_random_corruption_never_escapes_as_another_error(tmp_path):
             for layer in adapter.layers.values():
                 assert torch.isfinite(layer.delta_weight()).all()
     assert outcomes["rejected"] > 0 and outcomes["loaded"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("wavelet,dense", [("db2", False), ("db8", True), ("coif5", True)])
+def test_add_to_is_the_same_update_by_scatter_or_dense(monkeypatch, wavelet, dense, dtype):
+    """Long filters (taps over half the weight's entries) build dW densely from the separable factors, without
+    the p L^2 tap index; the update is the same as ``W + delta_weight()`` rounded once."""
+    import waveft_core.adapter_file as adapter_file
+
+    built = []
+    monkeypatch.setattr(adapter_file, "patch_index", lambda *a: built.append(a) or _real_patch_index(*a))
+    adapter_file._seeded_patch_index.cache_clear()
+    layer = _layer(coef=torch.randn(40) * 0.01, shape=(48, 40), wavelet=wavelet)
+    weight = torch.randn(48, 40).to(dtype)
+    expected = (weight.float() + 0.5 * layer.delta_weight()).to(dtype)
+    got = layer.add_to_(weight.clone(), 0.5)
+    assert bool(built) != dense
+    torch.testing.assert_close(got, expected, rtol=torch.finfo(dtype).eps, atol=1e-6)
+
+
+def _real_patch_index(*args):
+    from waveft_core.functional import patch_index
+
+    return patch_index(*args)

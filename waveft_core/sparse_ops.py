@@ -178,6 +178,19 @@ def build_plan(positions: torch.Tensor, shape: tuple[int, int], wavelet: str, de
     return SparsePlan(layout, wavelet, s_r, s_r_t, s_c, s_c_t, b_unit, b_order, bt_unit, bt_order)
 
 
+def dense_delta(coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.Tensor:
+    """``dW = s * S_r^T B S_c`` as a dense float32 ``(out, in)`` matrix, from the sparse factors.
+
+    ``O(L * out * in)`` work and two weights' worth of memory, where scattering the ``p L^2`` taps needs an
+    index of ``p L^2`` entries: the way to build ``dW`` for long filters (coif17: 27 M taps per SDXL layer).
+    """
+    g = plan.layout.geometry
+    b_t = torch.zeros(2 * g.half_cols, 2 * g.half_rows, dtype=torch.float32, device=plan.b_order.device)
+    b_t[plan.layout.synth_col, plan.layout.synth_row] = coef.detach().to(b_t) * float(scaling)
+    b_s_c = _spmm(plan.synth_cols_t, b_t).t().contiguous()  # (S_c^T B^T)^T = B S_c, 2 H2 x in
+    return _spmm(plan.synth_rows_t, b_s_c)
+
+
 _SHARED_PLANS: OrderedDict[tuple, SparsePlan] = OrderedDict()
 SHARED_PLANS_KEPT = 64
 
