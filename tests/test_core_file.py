@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from waveft_core import AdapterFileError, LayerAdapter, layer_from_tensors, load_adapter, save_adapter
+from waveft_core import AdapterFileError, LayerAdapter, add_delta_, layer_from_tensors, load_adapter, save_adapter
 from waveft_core.adapter_file import MAX_WEIGHT_ELEMENTS
 
 PREFIX = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
@@ -215,15 +215,16 @@ def test_random_corruption_never_escapes_as_another_error(tmp_path):
 @pytest.mark.parametrize("wavelet,dense", [("db2", False), ("db8", True), ("coif5", True)])
 def test_add_to_is_the_same_update_by_scatter_or_dense(monkeypatch, wavelet, dense, dtype):
     """Long filters (taps over half the weight's entries) build dW densely from the separable factors, without
-    the p L^2 tap index; the update is the same as ``W + delta_weight()`` rounded once."""
+    the p L^2 tap index; the update is the same as painting the taps, rounded once."""
     import waveft_core.adapter_file as adapter_file
 
     built = []
     monkeypatch.setattr(adapter_file, "patch_index", lambda *a: built.append(a) or _real_patch_index(*a))
     adapter_file._seeded_patch_index.cache_clear()
-    layer = _layer(coef=torch.randn(40) * 0.01, shape=(48, 40), wavelet=wavelet)
-    weight = torch.randn(48, 40).to(dtype)
-    expected = (weight.float() + 0.5 * layer.delta_weight()).to(dtype)
+    layer = _layer(coef=torch.randn(600) * 0.01, shape=(320, 256), wavelet=wavelet)
+    weight = torch.randn(320, 256).to(dtype)
+    painted = add_delta_(torch.zeros(320, 256), layer.coef, layer.flat_positions(), wavelet, 25.0 * 0.5)
+    expected = (weight.float() + painted).to(dtype)
     got = layer.add_to_(weight.clone(), 0.5)
     assert bool(built) != dense
     torch.testing.assert_close(got, expected, rtol=torch.finfo(dtype).eps, atol=1e-6)

@@ -83,6 +83,20 @@ def test_full_budget(shape):
     assert rel_error(ours, pywt_delta(coef, positions, shape, "db2", 3.0)) <= TOLERANCE
 
 
+@pytest.mark.parametrize("wavelet", ["db8", "sym10", "coif5", "db20"])
+def test_long_filters_built_densely_match_pywavelets(wavelet):
+    """Past ``dense_is_cheaper`` dW comes from the separable factors, not from painted taps: same IDWT."""
+    from waveft_core.functional import dense_is_cheaper
+
+    shape = (320, 256)
+    coef, positions = _random_layer(shape, 600)
+    assert dense_is_cheaper(600, wavelet, shape)
+    ours = delta_weight(coef, positions, shape, wavelet, 25.0)
+    assert rel_error(ours, pywt_delta(coef, positions, shape, wavelet, 25.0)) <= TOLERANCE
+    painted = add_delta_(torch.zeros(shape), coef, positions, wavelet, 25.0)
+    assert rel_error(ours, painted) <= TOLERANCE
+
+
 def test_haar_block_formula():
     """db1 paints 2x2 blocks: dW[2k+a, 2l+b] = s/2 (cA + (-1)^a cH + (-1)^b cV + (-1)^(a+b) cD)."""
     shape, values = (4, 4), torch.tensor([1.0, 2.0, 3.0, 4.0])

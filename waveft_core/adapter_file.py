@@ -29,11 +29,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .functional import PatchIndex, add_delta_, delta_weight, patch_index, patch_layout
+from .functional import PatchIndex, add_delta_, delta_weight, dense_is_cheaper, patch_index, patch_layout
 from .layer import waveft_delta
 from .positions import check_positions, sample_positions
 from .sparse_ops import dense_delta, shared_plan
-from .wavelets import check_wavelet, filter_length
+from .wavelets import check_wavelet
 
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -91,7 +91,7 @@ class LayerAdapter:
         layer shape); half precision is summed in float32 and rounded once either way."""
         if tuple(weight.shape) != tuple(self.shape):
             raise AdapterFileError(f"adapter is for a {self.shape} weight, the model's is {tuple(weight.shape)}")
-        if 2 * self.num_params * filter_length(self.wavelet) ** 2 > weight.numel():
+        if dense_is_cheaper(self.num_params, self.wavelet, self.shape):
             plan = shared_plan(self.flat_positions(), self.shape, self.wavelet, weight.device)
             delta = dense_delta(self.coef.to(weight.device), plan, self.scaling * float(strength))
             with torch.no_grad():

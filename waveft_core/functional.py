@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .wavelets import GridGeometry, grid_geometry, synthesis_filters
+from .wavelets import GridGeometry, filter_length, grid_geometry, synthesis_filters
 
 DEFAULT_SCALING = 25.0
 DEFAULT_WAVELET = "db1"
@@ -144,6 +144,17 @@ def add_delta_(
     return weight
 
 
+DENSE_MIN_TAPS = 1 << 16
+
+
+def dense_is_cheaper(p: int, wavelet: str, shape: tuple[int, int]) -> bool:
+    """Whether ``dW`` is better built from the separable factors than by painting its ``p L^2`` taps: when the
+    taps number over half the weight's entries (measured on 1280 x 1280: from db10 on) and are many enough
+    to matter; below that painting is as fast and exact to the bit for Haar."""
+    taps = p * filter_length(wavelet) ** 2
+    return taps > DENSE_MIN_TAPS and 2 * taps > shape[0] * shape[1]
+
+
 def delta_weight(
     coef: torch.Tensor,
     positions: torch.Tensor,
@@ -151,8 +162,18 @@ def delta_weight(
     wavelet: str = DEFAULT_WAVELET,
     scaling: float = DEFAULT_SCALING,
 ) -> torch.Tensor:
-    """Dense float32 ``dW = s * crop(IDWT2(C))`` of shape ``shape``; equals PEFT's ``get_delta_weight``."""
-    out = torch.zeros(int(shape[0]), int(shape[1]), dtype=torch.float32, device=coef.device)
+    """Dense float32 ``dW = s * crop(IDWT2(C))`` of shape ``shape``; equals PEFT's ``get_delta_weight``.
+
+    Short filters paint the ``p L^2`` taps; when those number over half of ``dW``'s entries (long filters) the
+    separable factors build it in ``O(L * out * in)`` without a tap index (see ``sparse_ops.dense_delta``).
+    """
+    out_features, in_features = int(shape[0]), int(shape[1])
+    if dense_is_cheaper(positions.numel(), wavelet, (out_features, in_features)):
+        from .sparse_ops import dense_delta, shared_plan  # sparse_ops builds on this module
+
+        plan = shared_plan(positions, (out_features, in_features), wavelet, coef.device)
+        return dense_delta(coef, plan, scaling)
+    out = torch.zeros(out_features, in_features, dtype=torch.float32, device=coef.device)
     return add_delta_(out, coef, positions, wavelet, scaling)
 
 
