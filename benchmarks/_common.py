@@ -24,6 +24,20 @@ def median_seconds(run: Callable[[], object], repeats: int = 5, warmup: int = 1,
     return statistics.median(times)
 
 
+def rss_peak_growth_mb(run: Callable[[], object]) -> float:
+    """Growth of the peak resident set (MB) during ``run()``: VmHWM is reset to the current RSS first."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    before = _status_mb("VmRSS")
+    run()
+    return _status_mb("VmHWM") - before
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as handle:
+        return int(next(line for line in handle if line.startswith(field + ":")).split()[1]) / 1024
+
+
 def report(title: str, baseline_name: str, results: dict[str, float]) -> None:
     baseline = results[baseline_name]
     print(f"\n{title}")

@@ -20,7 +20,7 @@ import sys
 import warnings
 
 import torch
-from _common import median_seconds
+from _common import median_seconds, rss_peak_growth_mb
 
 from waveft_core import WaveFTConfig, attach_waveft
 
@@ -90,21 +90,11 @@ def peak_memory_mb(variant: str, dim: int, tokens: int, wavelet: str) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        line = next(line for line in handle if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
-
-
 def _measure_peak(variant: str, dim: int, tokens: int, wavelet: str) -> float:
     torch.set_num_threads(2)
     step = make_step(build(variant, dim, wavelet), dim, tokens)
     step()  # one-time work (plans, caches) is not a step's peak
-    with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM (the peak RSS) to the current RSS
-        handle.write("5")
-    before = _status_mb("VmRSS")
-    step()
-    return _status_mb("VmHWM") - before
+    return rss_peak_growth_mb(step)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from _common import median_seconds
+from _common import median_seconds, rss_peak_growth_mb
 
 from waveft_core import WaveFTConfig, attach_waveft, detach_waveft, waveft_layers
 from waveft_core.names import SDXL_DIFFUSERS_UNET
@@ -60,16 +60,7 @@ def peak_growth_mb(step: Callable[[], None], device: torch.device) -> float:
         torch.cuda.reset_peak_memory_stats()
         step()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM (peak RSS) to the current RSS
-        handle.write("5")
-    before = _status_mb("VmRSS")
-    step()
-    return _status_mb("VmHWM") - before
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        return int(next(line for line in handle if line.startswith(field + ":")).split()[1]) / 1024
+    return rss_peak_growth_mb(step)
 
 
 def _peft_layers(unet: torch.nn.Module) -> list:
