@@ -1,7 +1,8 @@
 """The core and the trainer on an accelerator, against float64 references computed on the CPU.
 
 Skipped where no CUDA device is present. ``WAVEFT_TEST_DEVICE=cpu`` runs the same checks on the CPU: that is
-how their logic is checked on machines without a GPU (``WAVEFT_TEST_DEVICE=cuda:1`` picks another card).
+how their logic is checked on machines without a GPU (``WAVEFT_TEST_DEVICE=cuda:1`` picks another card,
+``WAVEFT_TEST_DEVICE=mps`` an Apple GPU). Every check runs on both kernel families (``kernels`` fixture).
 """
 
 from __future__ import annotations
@@ -13,16 +14,38 @@ import torch
 from oracles import rel_error
 from trainer_toys import ToyDenoiser, toy_data, toy_denoise, toy_prefix, toy_settings
 
+import waveft_core.plans as plans
+import waveft_core.portable_ops as portable_ops
 import waveft_core.sparse_ops as sparse_ops
 from trainer import train_waveft
 from waveft_core import WaveFTLinear, add_delta_, delta_weight, load_adapter
 from waveft_core.functional import coef_grad_from_weight_grad, patch_layout
 
 DEVICE = torch.device(os.environ.get("WAVEFT_TEST_DEVICE", "cuda"))
+
+
+def _device_present() -> bool:
+    try:
+        torch.empty(1, device=DEVICE)
+    except (RuntimeError, AssertionError):  # torch without CUDA raises AssertionError ("not compiled with CUDA")
+        return False
+    return True
+
+
 pytestmark = pytest.mark.skipif(
-    DEVICE.type == "cuda" and not torch.cuda.is_available(),
-    reason="no CUDA device here (WAVEFT_TEST_DEVICE=cpu runs these checks on the CPU)",
+    not _device_present(), reason=f"no {DEVICE} device here (WAVEFT_TEST_DEVICE=cpu runs these checks on the CPU)"
 )
+
+
+@pytest.fixture(autouse=True, params=["sparse", "portable"])
+def kernels(request, monkeypatch) -> str:
+    """Each check runs on both kernel families: the sparse ones (where the device has them) and the
+    portable ones that devices without sparse CSR support get."""
+    if request.param == "portable":
+        monkeypatch.setattr(plans, "sparse_kernels_work", lambda device: False)
+    elif not plans.sparse_kernels_work(DEVICE):
+        pytest.skip(f"{DEVICE} has no working sparse CSR kernels (the portable ones are checked)")
+    return request.param
 
 
 def _reference(layer: WaveFTLinear, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -65,14 +88,19 @@ def test_layer_matches_the_float64_reference(out_features, in_features, tokens, 
     assert rel_error(layer.coef.grad, gc_ref) <= 1e-4  # float32 sums over the tokens, whatever the dtype
 
 
-def test_long_sequences_in_several_device_chunks(monkeypatch):
-    """A device chunk holds up to ``DEVICE_CHUNK_ELEMENTS``; made small, 1000 tokens take several chunks."""
+def test_long_sequences_in_several_device_chunks(monkeypatch, kernels):
+    """A device chunk holds up to ``DEVICE_CHUNK_ELEMENTS`` (portable: ``CHUNK_ELEMENTS``); made small,
+    1000 tokens take several chunks."""
     monkeypatch.setattr(sparse_ops, "DEVICE_CHUNK_ELEMENTS", 64 * 64 * 3)
     monkeypatch.setattr(sparse_ops, "CHUNK_ELEMENTS", 64 * 64 * 3)
+    monkeypatch.setattr(portable_ops, "CHUNK_ELEMENTS", 300 * 64)
     torch.manual_seed(1)
     layer = WaveFTLinear(torch.nn.Linear(64, 64).to(DEVICE), 300, "sym4")
     layer.base.requires_grad_(True)  # activation side: the chunked products carry the whole update
-    assert len(sparse_ops.token_chunks(1000, layer.plan(DEVICE), DEVICE)) > 3
+    if kernels == "sparse":
+        assert len(sparse_ops.token_chunks(1000, layer.plan(DEVICE), DEVICE)) > 3
+    else:
+        assert portable_ops._chunk_tokens(layer.plan(DEVICE)) == 64
     with torch.no_grad():
         layer.coef.normal_()
     x = torch.randn(2, 500, 64, device=DEVICE, requires_grad=True)

@@ -31,8 +31,8 @@ from safetensors.torch import save_file
 
 from .functional import PatchIndex, add_delta_, delta_weight, dense_is_cheaper, patch_index, patch_layout
 from .layer import waveft_delta
+from .plans import dense_delta, shared_plan
 from .positions import check_positions, sample_positions
-from .sparse_ops import dense_delta, shared_plan
 from .wavelets import check_wavelet
 
 FORMAT_VERSION = "1"

@@ -17,6 +17,7 @@ patches, which is what patching a weight needs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,26 @@ def patch_index(layout: PatchLayout, wavelet: str, device: torch.device | str) -
     return PatchIndex(rows, cols, flat, taps, touched, slot)
 
 
+@dataclass
+class LayerPlan:
+    """What every way of evaluating a layer's update needs: its patch layout and wavelet, and the weight-patch
+    index, built on first use only since it holds ~44 bytes per tap (4 MB per SDXL layer for db4) and the
+    activation side never needs it. Subclassed by the sparse-kernel and the portable plans."""
+
+    layout: PatchLayout
+    wavelet: str
+
+    @functools.cached_property
+    def patches(self) -> PatchIndex:
+        """Where each of the ``p L^2`` taps lands in ``W``, for patching it in place."""
+        return patch_index(self.layout, self.wavelet, self.layout.row_start.device)
+
+    @property
+    def patch_entries(self) -> int:
+        """``p L^2``, the taps a weight patch writes (without building :attr:`patches`)."""
+        return self.layout.row_start.numel() * self.layout.geometry.filter_len**2
+
+
 def add_delta_(
     weight: torch.Tensor,
     coef: torch.Tensor,
@@ -165,11 +186,11 @@ def delta_weight(
     """Dense float32 ``dW = s * crop(IDWT2(C))`` of shape ``shape``; equals PEFT's ``get_delta_weight``.
 
     Short filters paint the ``p L^2`` taps; when those number over half of ``dW``'s entries (long filters) the
-    separable factors build it in ``O(L * out * in)`` without a tap index (see ``sparse_ops.dense_delta``).
+    separable factors build it in ``O(L * out * in)`` without a tap index (see ``plans.dense_delta``).
     """
     out_features, in_features = int(shape[0]), int(shape[1])
     if dense_is_cheaper(positions.numel(), wavelet, (out_features, in_features)):
-        from .sparse_ops import dense_delta, shared_plan  # sparse_ops builds on this module
+        from .plans import dense_delta, shared_plan  # the plans build on this module
 
         plan = shared_plan(positions, (out_features, in_features), wavelet, coef.device)
         return dense_delta(coef, plan, scaling)

@@ -6,10 +6,11 @@ Two exact ways to evaluate it, both with a custom backward that never forms a de
   patched in place by a scatter of ``p`` patches and restored exactly afterwards, far cheaper than touching
   the activations again -- and the backward does the same for ``dL/dx``;
 * activation-side (half-precision weights, autocast, or a trainable base): ``base(x)`` plus ``x dW^T`` from
-  the sparse factors in :mod:`waveft_core.sparse_ops`, kept in float32 so a small ``dW`` is not lost to
-  bf16 rounding of ``W + dW``.
+  the separable factors, kept in float32 so a small ``dW`` is not lost to bf16 rounding of ``W + dW``.
 
-Either way ``dL/dc`` is the sampled product of :func:`waveft_core.sparse_ops.delta_backward`.
+Either way ``dL/dc`` is a sampled product, one dot over the tokens per coefficient. :mod:`waveft_core.plans`
+picks the kernels per device: sparse CSR ones (:mod:`~waveft_core.sparse_ops`) where the device has them,
+else convolutions and gathers (:mod:`~waveft_core.portable_ops`, e.g. Apple's MPS).
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight
+from .plans import Plan, delta_backward, delta_forward, shared_plan
 from .positions import DEFAULT_SEED, check_positions, sample_positions
-from .sparse_ops import SparsePlan, delta_backward, delta_forward, shared_plan
 from .wavelets import check_wavelet
 
 
 @contextmanager
-def _patched_weight(weight: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float):
+def _patched_weight(weight: torch.Tensor, coef: torch.Tensor, plan: Plan, scaling: float):
     """Yield ``W + dW`` by patching ``W`` in place and restoring exactly the touched entries afterwards.
 
     Copying ``W`` would cost a pass over the whole weight per forward and per backward; the patch touches
@@ -54,7 +55,7 @@ class _MergedLinearFn(torch.autograd.Function):
     # The weight is kept on ctx, not saved for backward: it is patched and restored in place, which would
     # trip autograd's version check on a saved tensor although its values are back to the original.
     @staticmethod
-    def forward(ctx: Any, x, coef, weight, bias, plan: SparsePlan, scaling: float):  # type: ignore[override]
+    def forward(ctx: Any, x, coef, weight, bias, plan: Plan, scaling: float):  # type: ignore[override]
         ctx.save_for_backward(x, coef)
         ctx.weight, ctx.plan, ctx.scaling = weight, plan, scaling
         with _patched_weight(weight, coef, plan, scaling) as merged:
@@ -75,7 +76,7 @@ class _MergedLinearFn(torch.autograd.Function):
 
 class _DeltaFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x, coef, plan: SparsePlan, scaling: float, out_dtype: torch.dtype):  # type: ignore[override]
+    def forward(ctx: Any, x, coef, plan: Plan, scaling: float, out_dtype: torch.dtype):  # type: ignore[override]
         ctx.save_for_backward(x, coef)
         ctx.plan, ctx.scaling = plan, scaling
         delta = delta_forward(_tokens(x), coef, plan, scaling, out_dtype)
@@ -101,7 +102,7 @@ def autocast_enabled(device_type: str) -> bool:
 
 
 def waveft_delta(
-    x: torch.Tensor, coef: torch.Tensor, plan: SparsePlan, scaling: float, out_dtype: torch.dtype | None = None
+    x: torch.Tensor, coef: torch.Tensor, plan: Plan, scaling: float, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """``x dW^T`` (differentiable in ``x`` and ``coef``) without forming ``dW``, as ``out_dtype`` (default
     ``x.dtype``)."""
@@ -118,7 +119,7 @@ PATCH_ALWAYS_ENTRIES = 1 << 14
 PATCH_MAX_WEIGHT_MULTIPLE = 4
 
 
-def _patching_is_cheaper(x: torch.Tensor, plan: SparsePlan) -> bool:
+def _patching_is_cheaper(x: torch.Tensor, plan: Plan) -> bool:
     entries = plan.patch_entries
     if entries > PATCH_MAX_WEIGHT_MULTIPLE * plan.layout.geometry.out_features * plan.layout.geometry.in_features:
         return False  # the scatter's index alone would dwarf the weight (coif17: 27 M taps per SDXL layer)
@@ -130,7 +131,7 @@ def waveft_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     coef: torch.Tensor,
-    plan: SparsePlan,
+    plan: Plan,
     scaling: float,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias) + x dW^T``, choosing the cheaper exact evaluation (module docstring)."""
@@ -185,13 +186,13 @@ class WaveFTLinear(nn.Module):
             raise ValueError(f"n_frequency={n_frequency} but {positions.numel()} positions given")
         self.register_buffer("positions", positions)
         self.coef = nn.Parameter(torch.zeros(n_frequency, device=base.weight.device))
-        self._plans: dict[torch.device, SparsePlan] = {}
+        self._plans: dict[torch.device, Plan] = {}
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.base.out_features, self.base.in_features
 
-    def plan(self, device: torch.device) -> SparsePlan:
+    def plan(self, device: torch.device) -> Plan:
         if device not in self._plans:
             self._plans[device] = shared_plan(self.positions, self.shape, self.wavelet, device)
         return self._plans[device]

@@ -17,14 +17,12 @@ maths is kept in float32 whatever the activations' dtype.
 from __future__ import annotations
 
 import functools
-import hashlib
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from .functional import PatchIndex, PatchLayout, patch_index, patch_layout
+from .functional import LayerPlan, patch_layout
 from .wavelets import synthesis_filters
 
 
@@ -125,11 +123,9 @@ class BlockFactors:
 
 
 @dataclass
-class SparsePlan:
+class SparsePlan(LayerPlan):
     """Sparse factors of one layer's ``dW`` (fixed positions, shape and wavelet) on one device."""
 
-    layout: PatchLayout
-    wavelet: str
     synth_rows: torch.Tensor  # S_r, CSR (2 H2 x out)
     synth_rows_t: torch.Tensor  # S_r^T, CSR (out x 2 H2)
     synth_cols: torch.Tensor  # S_c, CSR (2 W2 x in)
@@ -139,17 +135,6 @@ class SparsePlan:
     bt_unit: torch.Tensor  # B^T's pattern, slot j holds coefficient bt_order[j]
     bt_order: torch.Tensor
     _blocked: dict[int, BlockFactors] = field(default_factory=dict, repr=False, compare=False)
-
-    @functools.cached_property
-    def patches(self) -> PatchIndex:
-        """Where each of the ``p L^2`` taps lands in ``W``, for patching it in place: built on first use only,
-        since it holds ~44 bytes per tap (4 MB per SDXL layer for db4) and the activation side never needs it."""
-        return patch_index(self.layout, self.wavelet, self.b_order.device)
-
-    @property
-    def patch_entries(self) -> int:
-        """``p L^2``, the taps a weight patch writes (without building :attr:`patches`)."""
-        return self.b_order.numel() * self.layout.geometry.filter_len**2
 
     def b_values(self, coef: torch.Tensor, scaling: float) -> torch.Tensor:
         return coef.to(torch.float32)[self.b_order] * scaling
@@ -189,28 +174,6 @@ def dense_delta(coef: torch.Tensor, plan: SparsePlan, scaling: float) -> torch.T
     b_t[plan.layout.synth_col, plan.layout.synth_row] = coef.detach().to(b_t) * float(scaling)
     b_s_c = _spmm(plan.synth_cols_t, b_t).t().contiguous()  # (S_c^T B^T)^T = B S_c, 2 H2 x in
     return _spmm(plan.synth_rows_t, b_s_c)
-
-
-_SHARED_PLANS: OrderedDict[tuple, SparsePlan] = OrderedDict()
-SHARED_PLANS_KEPT = 64
-
-
-def shared_plan(positions: torch.Tensor, shape: tuple[int, int], wavelet: str, device: torch.device) -> SparsePlan:
-    """:func:`build_plan`, shared by every layer with the same positions, shape and wavelet on ``device``.
-
-    Layers seeded alike draw identical positions (SDXL's 560 attention projections come in 4 shapes), so one
-    plan per shape serves them all: per-layer plans took 390 MB for db1 and 4 GB for db4 across SDXL's
-    attention. The most recently used ``SHARED_PLANS_KEPT`` plans are kept.
-    """
-    digest = hashlib.blake2b(positions.detach().cpu().to(torch.int64).numpy().tobytes(), digest_size=16).digest()
-    key = (tuple(shape), wavelet, torch.device(device), digest)
-    if key in _SHARED_PLANS:
-        _SHARED_PLANS.move_to_end(key)
-    else:
-        _SHARED_PLANS[key] = build_plan(positions, tuple(shape), wavelet, torch.device(device))
-        while len(_SHARED_PLANS) > SHARED_PLANS_KEPT:
-            _SHARED_PLANS.popitem(last=False)
-    return _SHARED_PLANS[key]
 
 
 def _unit_csr(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,7 +51,7 @@ def _filters_float64(name: str) -> torch.Tensor:
 
 def synthesis_filters(name: str, device: torch.device | str | None = None) -> torch.Tensor:
     """Reconstruction filters ``[[rec_lo], [rec_hi]]`` as a float32 tensor of shape ``[2, L]``."""
-    return _filters_float64(name).to(device=device, dtype=torch.float32)
+    return _filters_float64(name).to(torch.float32).to(device)  # MPS has no float64: convert on the CPU
 
 
 def filter_length(name: str) -> int:
