@@ -64,6 +64,17 @@ def safe_stem(name: str) -> str:
     return stem
 
 
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_path(folder_paths: ModuleType, name: str, key: str) -> Path:
+    """``models/waveft/checkpoints/<name>-<key>.safetensors``: a training run's latest adapter, with its
+    resume state beside it (``key`` names the run: see ``trainer.run_key``)."""
+    folder = Path(folder_paths.get_folder_paths(FOLDER)[0]).resolve() / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{safe_stem(name).replace('/', '_')}-{key}.safetensors"
+
+
 def reserve_save_path(folder_paths: ModuleType, folder: str, name: str) -> Path:
     """Create (empty, exclusively) and return a new ``.safetensors`` path for ``name`` in ``folder``.
 

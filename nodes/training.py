@@ -13,7 +13,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..trainer import TrainSettings, plot_losses, train_waveft
+from ..trainer import TrainSettings, plot_losses, run_key, train_waveft
 from ..waveft_core import SDXL_ATTENTION_PATTERN, AdapterFile, WaveFTConfig, save_adapter, supported_wavelets
 from ..waveft_core.names import kohya_name
 from . import paths
@@ -31,6 +31,7 @@ from .loaders import CATEGORY, WaveFT
 
 log = logging.getLogger("WaveFT")
 MAX_SEED = 2**63 - 1
+SAVE_EVERY = 50
 
 
 def train_settings(model, opt: dict) -> TrainSettings:
@@ -39,10 +40,17 @@ def train_settings(model, opt: dict) -> TrainSettings:
         steps=opt["steps"], learning_rate=opt["learning_rate"], batch_size=opt["batch_size"],
         grad_accum=opt["grad_accumulation"], seed=opt["seed"], resolution=opt["resolution"],
         gradient_checkpointing=opt["gradient_checkpointing"], mixed_precision=opt["precision"],
-        output_name=opt["name"], **schedule(model),
+        output_name=opt["name"], save_every=opt.get("save_every", SAVE_EVERY), **schedule(model),
         waveft=WaveFTConfig(n_frequency=opt["budget"], scaling=opt["scaling"], wavelet=opt["wavelet"],
                             target_pattern=opt["target_pattern"]),
     )
+
+
+def run_checkpoint(unet: torch.nn.Module, dtype: torch.dtype, settings: TrainSettings, data, name: str) -> Path:
+    """Where this run (same model, images and settings) keeps its latest adapter and resume state."""
+    weights = [m.weight for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and settings.waveft.targets(n)]
+    device = next(unet.parameters()).device
+    return paths.checkpoint_path(folder_paths, name, run_key(settings, data, weights, device, dtype))
 
 
 def save(adapter: AdapterFile, folder: str, name: str) -> Path:
@@ -87,7 +95,11 @@ class WaveFTTrain(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Less memory, about 30% slower."),
                 io.Combo.Input("precision", options=["auto", "bf16", "fp16", "no"], default="auto",
                                tooltip="Autocast. auto: the model's own half type on a GPU (bf16 where the card has it, else fp16), none on CPU."),
-                io.String.Input("name", default="waveft_subject", tooltip="Recorded in the adapter; used for the file saved on Cancel."),
+                io.String.Input("name", default="waveft_subject", tooltip="Recorded in the adapter; names the file saved on Cancel and the checkpoints."),
+                io.Int.Input("save_every", default=SAVE_EVERY, min=0, max=100000, optional=True,
+                             tooltip="Checkpoint every N steps (0: only on Cancel or an error) in models/waveft/checkpoints."),
+                io.Boolean.Input("resume", default=True, optional=True,
+                                 tooltip="Continue this run (same model, images and settings) from its checkpoint, after a crash, an error or Cancel; off: start over."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained adapter applied."),
@@ -104,9 +116,11 @@ class WaveFTTrain(io.ComfyNode):
         data = encode_dataset(model, clip, vae, images, opt["instance_prompt"], settings.resolution)
         watch = Watch(settings.steps)  # ComfyUI attributes the bar to the executing node
         with torch.inference_mode(False), training_unet(model, settings.waveft) as (unet, dtype):
+            checkpoint = run_checkpoint(unet, dtype, settings, data, opt["name"])
             result = train_waveft(
                 unet, make_denoise(unet, dtype), data, settings,
-                name_to_prefix=lambda name: kohya_name("unet", name),
+                name_to_prefix=lambda name: kohya_name("unet", name), output_path=checkpoint,
+                resume=opt.get("resume", True),
                 progress=watch.progress, should_stop=watch.should_stop,
                 metadata={"ss_base_model_version": base_model_version(model)},
                 set_gradient_checkpointing=checkpointing_hook(unet), input_dtype=dtype,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from trainer_toys import one_thread  # noqa: F401  (an autouse fixture)
 
-from trainer import TrainingData, TrainSettings, encode_png, plot_losses
+from trainer import TrainingData, TrainSettings, encode_png, plot_losses, run_key
 from trainer import diffusion as diff
 from trainer.data import BatchSchedule, batches_per_epoch, epoch_batches, group_by_shape
 from trainer.progress import TextProgress, render_bar
@@ -71,6 +71,23 @@ def test_trajectory_ignores_what_may_change_between_sessions():
 
 
 # --- diffusion maths (diffusers' DDPMScheduler is the oracle) ------------------------------------------------
+
+
+def test_run_key_names_what_the_result_depends_on():
+    """Same run, same key (nothing in it is an id or an address); any input of the result changed,
+    another key; ``steps`` of a constant schedule and the output name are not part of it."""
+    def key(settings: TrainSettings | None = None, scale=1.0, context=1.0, weight=1.0) -> str:
+        settings = settings or TrainSettings()
+        data = TrainingData(latents=[torch.ones(4, 8, 8) * scale], conds=[{"context": torch.ones(77, 16) * context}])
+        weights = [torch.arange(12.0).reshape(3, 4) * weight, torch.ones(5)]
+        return run_key(settings, data, weights, torch.device("cpu"), torch.float32)
+
+    base = key()
+    assert base == key() and len(base) == 16 and int(base, 16) >= 0
+    assert key(TrainSettings(steps=900, output_name="other", save_every=7)) == base
+    others = [key(TrainSettings(learning_rate=2e-4)), key(TrainSettings(waveft=WaveFTConfig(n_frequency=100))),
+              key(scale=1.5), key(context=1.001), key(weight=1.001), key(TrainSettings(lr_scheduler="cosine"))]
+    assert len({base, *others}) == 1 + len(others)
 
 
 def test_noise_schedule_and_targets_match_diffusers():

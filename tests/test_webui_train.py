@@ -199,6 +199,7 @@ def test_run_trains_saves_previews_and_restores_the_model(tmp_path):
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     result = train_a1111.run_training(request(paths), env.host)
     assert result.steps_done == 3 and not result.stopped and len(result.losses) == 3
+    assert train_a1111.settings_for(request(paths), "m").save_every == train_a1111.SAVE_EVERY > 0
     saved = load_adapter(tmp_path / "Lora" / "my adapter.safetensors")
     assert set(saved.layers) == {f"lora_unet_input_blocks_4_1_transformer_blocks_0_{a}_{p}"
                                  for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out_0")}

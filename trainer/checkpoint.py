@@ -13,6 +13,7 @@ count *is* the random-generator state.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -45,6 +46,32 @@ class TrainState:
     fingerprint: dict[str, Any]
     scaler: dict[str, Any] | None = None
     adam_steps: dict[str, float] = field(default_factory=dict)
+
+
+def run_key(
+    settings: Any, data: Any, weights: Iterable[torch.Tensor], device: torch.device, input_dtype: torch.dtype
+) -> str:
+    """A 16-hex-digit name for one training run, for a host to find the run's checkpoint again.
+
+    It hashes what the result depends on: the settings that shape the trajectory (not ``steps`` of a
+    constant schedule, so a longer run continues a shorter one), the latents and the conditioning values,
+    and checksums of ``weights`` (the adapted layers' base weights: another checkpoint or a LoRA merged
+    before training gives another key). The same run gives the same key in a new process.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(json.dumps([settings.trajectory_dict(device, input_dtype), data.fingerprint()], sort_keys=True).encode())
+    for cond in data.conds:
+        for key in sorted(cond):
+            digest.update(key.encode() + _checksum(cond[key]))
+    for weight in weights:
+        digest.update(_checksum(weight))
+    return digest.hexdigest()
+
+
+def _checksum(tensor: torch.Tensor) -> bytes:
+    # sums in float32 (MPS has no float64), printed to 7 digits: stable across processes on one device
+    values = tensor.detach().float()
+    return f"{tuple(tensor.shape)}:{float(values.sum()):.6e}:{float(values.square().sum()):.6e}".encode()
 
 
 def save_state(

@@ -32,6 +32,7 @@ from .train_data import (
 
 SAFE_NAME = re.compile(r"^[\w][\w .+-]{0,100}$")
 PREVIEW_SIZE = 512
+SAVE_EVERY = 50  # adapter + resume state every 50 steps: a crash costs at most that much (resume continues)
 
 
 @dataclass
@@ -84,6 +85,7 @@ def settings_for(request: TrainRequest, model_name: str) -> TrainSettings:
         resolution=int(request.resolution),
         base_model_name=model_name,
         output_name=request.name.strip(),
+        save_every=SAVE_EVERY,
         waveft=waveft,
     )
 
