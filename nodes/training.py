@@ -13,7 +13,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..trainer import TrainSettings, plot_losses, run_key, train_waveft
+from ..trainer import TrainingData, TrainSettings, plot_losses, run_key, state_path, train_waveft
 from ..waveft_core import SDXL_ATTENTION_PATTERN, AdapterFile, WaveFTConfig, save_adapter, supported_wavelets
 from ..waveft_core.names import kohya_name
 from . import paths
@@ -46,7 +46,7 @@ def train_settings(model, opt: dict) -> TrainSettings:
     )
 
 
-def run_checkpoint(unet: torch.nn.Module, dtype: torch.dtype, settings: TrainSettings, data, name: str) -> Path:
+def run_checkpoint(unet: torch.nn.Module, dtype: torch.dtype, settings: TrainSettings, data: TrainingData, name: str) -> Path:
     """Where this run (same model, images and settings) keeps its latest adapter and resume state."""
     weights = [m.weight for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and settings.waveft.targets(n)]
     device = next(unet.parameters()).device
@@ -117,6 +117,8 @@ class WaveFTTrain(io.ComfyNode):
         watch = Watch(settings.steps)  # ComfyUI attributes the bar to the executing node
         with torch.inference_mode(False), training_unet(model, settings.waveft) as (unet, dtype):
             checkpoint = run_checkpoint(unet, dtype, settings, data, opt["name"])
+            if opt.get("resume", True) and state_path(checkpoint).exists():
+                log.info("[WaveFT] continuing the run saved in %s", checkpoint)
             result = train_waveft(
                 unet, make_denoise(unet, dtype), data, settings,
                 name_to_prefix=lambda name: kohya_name("unet", name), output_path=checkpoint,
