@@ -30,6 +30,7 @@ from ..trainer import TrainingData, TrainingStopped
 from ..trainer.diffusion import alphas_cumprod
 from ..waveft_core import WaveFTConfig
 from .images import bucket_images
+from .patches import TEXT_ENCODERS
 
 log = logging.getLogger("WaveFT")
 
@@ -44,7 +45,7 @@ def encode_dataset(model: Any, clip: Any, vae: Any, images: Sequence[torch.Tenso
     samples: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
     for (height, width), pixels in buckets.items():
         latents = base.process_latent_in(vae.encode(pixels))
-        cond = {"context": context[0]}
+        cond = {"context": context[0], "size": torch.tensor([height, width])}  # pixels, for in-loop conditioning
         if pooled is not None:  # SDXL's size conditioning; encode_adm returns None for models without it
             y = base.encode_adm(pooled_output=pooled, width=width, height=height, crop_w=0, crop_h=0,
                                 target_width=width, target_height=height)
@@ -85,22 +86,29 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor, is_param: bool) 
         module._buffers[name] = value
 
 
-@contextlib.contextmanager
-def training_unet(model: Any, config: WaveFTConfig) -> Iterator[tuple[nn.Module, torch.dtype]]:
-    """Load ``model`` fully (its patches baked in) and yield ``(diffusion model, compute dtype)`` ready to train.
+def text_encoders(clip: Any) -> dict[str, nn.Module]:
+    """The CLIP's text encoders by kohya component (SDXL: both; SD1.x: CLIP-L only)."""
+    model = clip.cond_stage_model
+    return {part: getattr(model, attr) for part, attr in TEXT_ENCODERS.items() if isinstance(getattr(model, attr, None), nn.Module)}
 
-    Inference-tensor parameters get ordinary copies (kept: same values). The targeted Linears are cast to
-    the compute dtype when a manual-cast model stores them otherwise (restored on exit), because the
+
+@contextlib.contextmanager
+def training_parts(model: Any, clip: Any | None, config: WaveFTConfig) -> Iterator[tuple[nn.ModuleDict, torch.dtype]]:
+    """Load ``model`` (and ``clip``, when its text encoders train too) fully, patches baked in, and yield
+    ``(parts, compute dtype)``: ``parts`` holds ``unet`` and the text encoders (``te1``, ``te2``), ready to train.
+
+    Inference-tensor parameters get ordinary copies (kept: same values). The targeted UNet Linears are cast
+    to the compute dtype when a manual-cast model stores them otherwise (restored on exit), so that the
     WaveFT layer multiplies by the weight directly.
     """
-    mm.load_models_gpu([model], memory_required=1e20, force_full_load=True)
+    mm.load_models_gpu([model] + ([clip.patcher] if clip is not None else []), memory_required=1e20, force_full_load=True)
     base = model.model
-    unet = base.diffusion_model
     compute = base.manual_cast_dtype or base.get_dtype()
+    parts = nn.ModuleDict({"unet": base.diffusion_model, **(text_encoders(clip) if clip is not None else {})})
     stash: list[tuple[nn.Module, str, torch.Tensor]] = []
     with torch.inference_mode(False):
-        for name, module in unet.named_modules():
-            cast = isinstance(module, nn.Linear) and config.targets(name)
+        for name, module in parts.named_modules():
+            cast = name.startswith("unet.") and isinstance(module, nn.Linear) and config.targets(name)
             for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
                 if tensor is None:
                     continue
@@ -111,18 +119,47 @@ def training_unet(model: Any, config: WaveFTConfig) -> Iterator[tuple[nn.Module,
                 elif tensor.is_inference():
                     _replace(module, key, tensor.detach().clone(), is_param)
     try:
-        yield unet, compute
+        yield parts, compute
     finally:
         for module, key, tensor in stash:
             _replace(module, key, tensor, key in module._parameters)
 
 
-def make_denoise(unet: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
-    """The engine's ``denoise(noisy, timesteps, cond)`` on ComfyUI's UNet (DDPM convention, see module doc)."""
+Conditioning = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def in_loop_conditioning(model: Any, clip: Any, prompt: str) -> Conditioning:
+    """``cond -> (context, y)`` recomputed by the text encoders at every step (so their WaveFT layers get
+    gradients), with SDXL's size conditioning from each batch's bucket size; as ``encode_from_tokens``."""
+    tokens = clip.tokenize(prompt)
+
+    def conditioning(cond: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        encoder = clip.cond_stage_model
+        encoder.reset_clip_options()
+        if clip.layer_idx is not None:
+            encoder.set_clip_options({"layer": clip.layer_idx})
+        context, pooled = encoder.encode_token_weights(tokens)[:2]
+        batch, (height, width) = cond["size"].shape[0], cond["size"][0].tolist()  # a batch is one bucket
+        y = None
+        if pooled is not None:
+            y = model.model.encode_adm(pooled_output=pooled, width=width, height=height, crop_w=0, crop_h=0,
+                                       target_width=width, target_height=height)
+        return context.expand(batch, -1, -1), None if y is None else y.expand(batch, -1)
+
+    return conditioning
+
+
+def make_denoise(
+    unet: nn.Module, dtype: torch.dtype, conditioning: Conditioning | None = None
+) -> Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
+    """The engine's ``denoise(noisy, timesteps, cond)`` on ComfyUI's UNet (DDPM convention, see module doc),
+    with the cached conditioning or, given ``conditioning``, the text encoders' output of this step."""
 
     def denoise(noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        extra = {"y": cond["y"].to(dtype)} if "y" in cond else {}
-        return unet(noisy.to(dtype), timesteps.float(), context=cond["context"].to(dtype), transformer_options={}, **extra)
+        context, y = conditioning(cond) if conditioning is not None else (cond["context"], cond.get("y"))
+        extra = {"y": y.to(noisy.device, dtype)} if y is not None else {}
+        context = context.to(noisy.device, dtype)
+        return unet(noisy.to(dtype), timesteps.float(), context=context, transformer_options={}, **extra)
 
     return denoise
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..waveft_core import AdapterFileError, LayerAdapter
-from ..waveft_core.names import KOHYA_PREFIX, unet_ldm_to_diffusers
+from ..waveft_core.names import KOHYA_PREFIX, kohya_name, unet_ldm_to_diffusers
 
 log = logging.getLogger("WaveFT")
 UNET_PREFIX = "diffusion_model."
@@ -119,3 +119,27 @@ def plan_patches(
             f"(e.g. {', '.join(list(layers)[:3])}). Was the adapter trained for another model family?"
         )
     return plan
+
+
+TEXT_ENCODERS = {"te1": "clip_l", "te2": "clip_g"}  # kohya component -> SDXL CLIP attribute
+
+
+def part_pattern(unet_pattern: str, text_encoder_pattern: str) -> str:
+    """One regex over the module names of WaveFT Train's parts (``unet.<name>``, ``te1.transformer.<name>``,
+    ``te2.transformer.<name>``): the UNet pattern searched in the UNet's names, the text-encoder one (if any)
+    in the encoders' (``text_model.encoder.layers.0.self_attn.q_proj``: Hugging Face's and kohya's names).
+    A pattern anchored with ``^`` stays anchored at the start of ``<name>``."""
+
+    def within(prefix: str, pattern: str) -> str:
+        return rf"^{prefix}\.(?:{pattern[1:]})" if pattern.startswith("^") else rf"^{prefix}\..*?(?:{pattern})"
+
+    alternatives = [within("unet", unet_pattern)]
+    if text_encoder_pattern:
+        alternatives.append(within(r"te[12]\.transformer", text_encoder_pattern))
+    return "|".join(f"(?:{a})" for a in alternatives)
+
+
+def part_prefix(name: str) -> str:
+    """A part-prefixed module name -> its kohya file prefix (``lora_unet_...``, ``lora_te1_text_model_...``)."""
+    part, _, rest = name.partition(".")
+    return kohya_name(part, rest if part == "unet" else rest.removeprefix("transformer."))

@@ -15,7 +15,6 @@ from comfy_api.latest import io, ui
 
 from ..trainer import TrainingData, TrainSettings, plot_losses, run_key, state_path, train_waveft
 from ..waveft_core import SDXL_ATTENTION_PATTERN, AdapterFile, WaveFTConfig, save_adapter, supported_wavelets
-from ..waveft_core.names import kohya_name
 from . import paths
 from .comfy_patching import apply_layers
 from .comfy_training import (
@@ -23,11 +22,13 @@ from .comfy_training import (
     base_model_version,
     checkpointing_hook,
     encode_dataset,
+    in_loop_conditioning,
     make_denoise,
     schedule,
-    training_unet,
+    training_parts,
 )
 from .loaders import CATEGORY, WaveFT
+from .patches import part_pattern, part_prefix
 
 log = logging.getLogger("WaveFT")
 MAX_SEED = 2**63 - 1
@@ -42,14 +43,14 @@ def train_settings(model, opt: dict) -> TrainSettings:
         gradient_checkpointing=opt["gradient_checkpointing"], mixed_precision=opt["precision"],
         output_name=opt["name"], save_every=opt.get("save_every", SAVE_EVERY), **schedule(model),
         waveft=WaveFTConfig(n_frequency=opt["budget"], scaling=opt["scaling"], wavelet=opt["wavelet"],
-                            target_pattern=opt["target_pattern"]),
+                            target_pattern=part_pattern(opt["target_pattern"], opt.get("text_encoder_pattern", ""))),
     )
 
 
-def run_checkpoint(unet: torch.nn.Module, dtype: torch.dtype, settings: TrainSettings, data: TrainingData, name: str) -> Path:
+def run_checkpoint(parts: torch.nn.Module, dtype: torch.dtype, settings: TrainSettings, data: TrainingData, name: str) -> Path:
     """Where this run (same model, images and settings) keeps its latest adapter and resume state."""
-    weights = [m.weight for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and settings.waveft.targets(n)]
-    device = next(unet.parameters()).device
+    weights = [m.weight for n, m in parts.named_modules() if isinstance(m, torch.nn.Linear) and settings.waveft.targets(n)]
+    device = next(parts.parameters()).device
     return paths.checkpoint_path(folder_paths, name, run_key(settings, data, weights, device, dtype))
 
 
@@ -100,11 +101,14 @@ class WaveFTTrain(io.ComfyNode):
                              tooltip="Checkpoint every N steps (0: only on Cancel or an error) in models/waveft/checkpoints."),
                 io.Boolean.Input("resume", default=True, optional=True,
                                  tooltip="Continue this run (same model, images and settings) from its checkpoint, after a crash, an error or Cancel; off: start over."),
+                io.String.Input("text_encoder_pattern", default="", optional=True,
+                                tooltip="Regex of text-encoder Linear layers to train as well, e.g. self_attn\\.(q_proj|k_proj|v_proj|out_proj)$ (empty: the UNet only). The text encoders then stay in memory and run at every step."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained adapter applied."),
                 WaveFT.Output(display_name="WAVEFT", tooltip="The trained adapter (connect WaveFT Save)."),
                 io.Image.Output(display_name="loss_plot"),
+                io.Clip.Output(display_name="CLIP", tooltip="The CLIP with the trained text-encoder layers applied (the input CLIP if none were trained)."),
             ],
         )
 
@@ -115,14 +119,16 @@ class WaveFTTrain(io.ComfyNode):
         settings = train_settings(model, opt)
         data = encode_dataset(model, clip, vae, images, opt["instance_prompt"], settings.resolution)
         watch = Watch(settings.steps)  # ComfyUI attributes the bar to the executing node
-        with torch.inference_mode(False), training_unet(model, settings.waveft) as (unet, dtype):
-            checkpoint = run_checkpoint(unet, dtype, settings, data, opt["name"])
+        with_text_encoders = bool(opt.get("text_encoder_pattern"))
+        conditioning = in_loop_conditioning(model, clip, opt["instance_prompt"]) if with_text_encoders else None
+        with torch.inference_mode(False), training_parts(model, clip if with_text_encoders else None, settings.waveft) as (parts, dtype):
+            checkpoint = run_checkpoint(parts, dtype, settings, data, opt["name"])
             if opt.get("resume", True) and state_path(checkpoint).exists():
                 log.info("[WaveFT] continuing the run saved in %s", checkpoint)
+            unet = parts["unet"]
             result = train_waveft(
-                unet, make_denoise(unet, dtype), data, settings,
-                name_to_prefix=lambda name: kohya_name("unet", name), output_path=checkpoint,
-                resume=opt.get("resume", True),
+                parts, make_denoise(unet, dtype, conditioning), data, settings,
+                name_to_prefix=part_prefix, output_path=checkpoint, resume=opt.get("resume", True),
                 progress=watch.progress, should_stop=watch.should_stop,
                 metadata={"ss_base_model_version": base_model_version(model)},
                 set_gradient_checkpointing=checkpointing_hook(unet), input_dtype=dtype,
@@ -132,9 +138,9 @@ class WaveFTTrain(io.ComfyNode):
             if result.steps_done:
                 save(adapter, paths.FOLDER, f"{opt['name']}_step{result.steps_done}")
             raise mm.InterruptProcessingException()
-        trained, _ = apply_layers(model, None, result.layers, 1.0, 0.0, opt["name"])
+        trained, trained_clip = apply_layers(model, clip, result.layers, 1.0, 1.0, opt["name"])
         plot = plot_losses(result.losses)[None].float() / 255
-        return io.NodeOutput(trained, adapter, plot, ui=ui.PreviewImage(plot, cls=cls))
+        return io.NodeOutput(trained, adapter, plot, trained_clip, ui=ui.PreviewImage(plot, cls=cls))
 
 
 class WaveFTSave(io.ComfyNode):

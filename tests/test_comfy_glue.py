@@ -251,3 +251,32 @@ def test_buckets_keep_aspect_and_resolution():
     assert {size: batch.shape[0] for size, batch in grouped.items()} == {(24, 48): 1, (32, 32): 3}
     with pytest.raises(ValueError):
         images.bucket_images([], 32)
+
+
+UNET_Q = "unet.input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+TE1_Q = "te1.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+TE2_FC = "te2.transformer.text_model.encoder.layers.31.mlp.fc1"
+
+
+@pytest.mark.parametrize(
+    "unet_pattern,te_pattern,matched",
+    [
+        (r"(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$", "", {UNET_Q}),  # the default: UNet only
+        (r"(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$", r"self_attn\.(q_proj|v_proj)$", {UNET_Q, TE1_Q}),
+        (r"^input_blocks\.4\.", r"fc1$", {UNET_Q, TE2_FC}),  # ^ anchors inside the part
+        (r"^transformer_blocks", r"^text_model", {TE1_Q, TE2_FC}),
+        (r"attn2", r"q_proj|fc1", {TE1_Q, TE2_FC}),  # top-level alternation stays inside its part
+    ],
+)
+def test_part_pattern_selects_within_each_part(unet_pattern, te_pattern, matched):
+    import re
+
+    pattern = re.compile(_glue("patches").part_pattern(unet_pattern, te_pattern))
+    assert {name for name in (UNET_Q, TE1_Q, TE2_FC) if pattern.search(name)} == matched
+
+
+def test_part_prefix_is_the_kohya_name():
+    part_prefix = _glue("patches").part_prefix
+    assert part_prefix(UNET_Q) == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    assert part_prefix(TE1_Q) == "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    assert part_prefix(TE2_FC) == "lora_te2_text_model_encoder_layers_31_mlp_fc1"

@@ -91,7 +91,7 @@ def test_trained_model_output_equals_the_adapter_applied(host):
     images = [torch.rand(1, 32, 32, 3)]
     with torch.inference_mode():  # as under ComfyUI's executor
         output = train.execute([model], [tiny_clip()], [tiny_vae()], images, **{k: [v] for k, v in TRAIN.items()})
-        trained, adapter, plot = output.args
+        trained, adapter, plot, trained_clip = output.args
         assert plot.shape == (1, 256, 512, 3) and 0 <= float(plot.min()) and float(plot.max()) <= 1
         mm.unload_all_models()
         for key, value in model.model.state_dict().items():
@@ -104,6 +104,37 @@ def test_trained_model_output_equals_the_adapter_applied(host):
             key = unet_map[prefix]
             assert torch.equal(state[key], layer.add_to_(before[key].clone(), 1.0)), key
         mm.unload_all_models()
+
+
+def test_text_encoders_train_too_when_asked(host):
+    """With a text-encoder pattern the encoders run in the loop: their layers are trained, saved under
+    ``lora_te1_``/``lora_te2_``, and the CLIP output applies them (the input CLIP is left as it was); the
+    WaveFT Apply node puts the same layers on the input CLIP."""
+    import comfy.model_management as mm
+
+    nodes = host["nodes"].NODE_CLASS_MAPPINGS
+    model, clip = tiny_sdxl(seed=3), tiny_clip()
+    tokens = clip.tokenize("a photo of zjw dog")
+    before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    plain = clip.encode_from_tokens(tokens)
+    options = {**TRAIN, "name": "with_te", "text_encoder_pattern": r"self_attn\.(q_proj|v_proj|out_proj)$|mlp\.fc1$"}
+    with torch.inference_mode():
+        output = nodes["WaveFTTrain"].execute([model], [clip], [tiny_vae()], [torch.rand(1, 32, 32, 3)],
+                                              **{k: [v] for k, v in options.items()})
+        _, adapter, _, trained_clip = output.args
+        te_layers = {p: layer for p, layer in adapter.layers.items() if p.startswith(("lora_te1_", "lora_te2_"))}
+        assert set(te_layers) == {f"lora_te{i}_text_model_encoder_layers_0_{name}" for i in (1, 2)
+                                  for name in ("self_attn_q_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1")}
+        assert all(layer.coef.abs().sum() > 0 for layer in te_layers.values())
+        assert len(adapter.layers) - len(te_layers) == 4 * 2 * 11  # and the UNet's attention, as without
+        mm.unload_all_models()
+        for key, value in clip.cond_stage_model.state_dict().items():
+            assert torch.equal(value, before[key]), f"training changed the input CLIP: {key}"
+        assert torch.equal(clip.encode_from_tokens(tokens), plain)
+        trained = trained_clip.encode_from_tokens(tokens)
+        assert not torch.allclose(trained, plain)
+        _, applied = nodes["WaveFTApply"].execute(model, adapter, 1.0, 1.0, clip=clip).args
+        torch.testing.assert_close(applied.encode_from_tokens(tokens), trained)
 
 
 def test_cancel_keeps_the_last_step_on_disk(host, progress_calls):

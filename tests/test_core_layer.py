@@ -251,6 +251,23 @@ def test_autocast_output_dtype_is_the_linear_one():
     assert x.grad.dtype == torch.float32 and layer.coef.grad.abs().sum() > 0
 
 
+def test_weights_stored_in_another_dtype_are_cast_like_a_manual_cast_layer():
+    """Float32 activations through fp16-stored weights (ComfyUI's text encoders): the base output is what
+    ``F.linear`` gives with the weight cast to float32, plus the update; the stored weight stays fp16."""
+    torch.manual_seed(0)
+    layer = WaveFTLinear(torch.nn.Linear(24, 16).half(), 30, "db2")
+    with torch.no_grad():
+        layer.coef.normal_()
+    x = torch.randn(5, 24, requires_grad=True)
+    y = layer(x)
+    weight, bias = layer.base.weight.float(), layer.base.bias.float()
+    expected = x @ (weight + layer.delta_weight()).T + bias
+    assert y.dtype == torch.float32 and layer.base.weight.dtype == torch.float16
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert x.grad is not None and layer.coef.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize(
     "wavelet,tokens,patched", [("db1", 8, True), ("db8", 8, False), ("db8", 4096, True), ("db20", 4096, False)]
 )

@@ -145,6 +145,10 @@ def waveft_linear(
     )
     if merged_ok:
         return _MergedLinearFn.apply(x, coef, weight, bias, plan, float(scaling))
+    if weight.dtype != x.dtype and x.is_floating_point() and not autocast_enabled(x.device.type):
+        # weights stored in another dtype than the layer computes in, cast per call as the host's own
+        # manual-cast layers do (ComfyUI's text encoders: fp16 weights, float32 activations)
+        weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
     # under autocast the base output is in the autocast dtype: the sum must be too (float32 x would
     # otherwise promote it, and ops outside torch's autocast lists then see mixed dtypes)
     base = F.linear(x, weight, bias)
