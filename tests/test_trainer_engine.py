@@ -202,6 +202,35 @@ def test_target_pattern_selects_feed_forward_too():
     assert {"lora_unet_blocks_0_ff_0", "lora_unet_blocks_0_ff_2"} <= set(result.layers) and len(result.layers) == 10
 
 
+def test_text_encoder_layers_train_when_it_runs_in_the_loop(tmp_path):
+    """The engine adapts whatever the pattern selects in the module it is given: a host that passes the
+    denoiser together with a text encoder, and computes the conditioning from token ids inside ``denoise``,
+    trains the encoder's layers too (the ComfyUI node does this for CLIP)."""
+    from trainer_toys import CONTEXT, TOKENS
+
+    from waveft_core.names import kohya_name
+
+    denoiser = ToyDenoiser()
+    encoder = torch.nn.Sequential(torch.nn.Embedding(50, 24), torch.nn.Linear(24, 24), torch.nn.Linear(24, CONTEXT))
+    parts = torch.nn.ModuleDict({"unet": denoiser, "te1": encoder})
+    data = toy_data()
+    data.conds = [{"ids": torch.arange(TOKENS) % 50} for _ in data.latents]  # token ids, no cached embedding
+
+    def denoise(noisy, timesteps, cond):
+        return denoiser(noisy, timesteps, encoder(cond["ids"]).to(noisy.dtype))
+
+    def prefix(name: str) -> str:
+        part, _, rest = name.partition(".")
+        return kohya_name(part, rest)
+
+    pattern = r"^unet\..*(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$|^te1\.(1|2)$"
+    settings = toy_settings(steps=3, waveft=WaveFTConfig(n_frequency=16, target_pattern=pattern))
+    result = train_waveft(parts, denoise, data, settings, name_to_prefix=prefix, output_path=tmp_path / "te.safetensors")
+    assert {"lora_te1_1", "lora_te1_2"} <= set(result.layers) and len(result.layers) == 10
+    assert all(result.layers[p].coef.abs().sum() > 0 for p in ("lora_te1_1", "lora_te1_2"))
+    assert not waveft_layers(parts)  # detached again, the encoder as it was
+
+
 def test_saved_file_is_format_v1_with_training_metadata(tmp_path):
     out = tmp_path / "zjw.safetensors"
     settings = toy_settings(steps=4, save_every=2, output_name="zjw-toy")
