@@ -30,7 +30,7 @@ from ..trainer import TrainingData, TrainingStopped
 from ..trainer.diffusion import alphas_cumprod
 from ..waveft_core import WaveFTConfig
 from .images import bucket_images
-from .patches import TEXT_ENCODERS
+from .patches import text_encoders
 
 log = logging.getLogger("WaveFT")
 
@@ -84,12 +84,6 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor, is_param: bool) 
         module._parameters[name] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=previous.requires_grad)
     else:
         module._buffers[name] = value
-
-
-def text_encoders(clip: Any) -> dict[str, nn.Module]:
-    """The CLIP's text encoders by kohya component (SDXL: both; SD1.x: CLIP-L only)."""
-    model = clip.cond_stage_model
-    return {part: getattr(model, attr) for part, attr in TEXT_ENCODERS.items() if isinstance(getattr(model, attr, None), nn.Module)}
 
 
 @contextlib.contextmanager

@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
 
 from ..waveft_core import AdapterFileError, LayerAdapter
 from ..waveft_core.names import KOHYA_PREFIX, kohya_name, unet_ldm_to_diffusers
@@ -121,12 +124,19 @@ def plan_patches(
     return plan
 
 
-TEXT_ENCODERS = {"te1": "clip_l", "te2": "clip_g"}  # kohya component -> SDXL CLIP attribute
+def text_encoders(clip: Any) -> dict[str, Any]:
+    """A ComfyUI CLIP's text encoders by kohya component: SDXL's ``clip_l``/``clip_g`` as ``te1``/``te2``;
+    a lone ``clip_l`` (SD1.x) as ``te``, since kohya and A1111 name SD1's encoder ``lora_te_``."""
+    model = clip.cond_stage_model
+    found = {attr: getattr(model, attr) for attr in ("clip_l", "clip_g") if isinstance(getattr(model, attr, None), nn.Module)}
+    if set(found) == {"clip_l"}:
+        return {"te": found["clip_l"]}
+    return {part: found[attr] for part, attr in (("te1", "clip_l"), ("te2", "clip_g")) if attr in found}
 
 
 def part_pattern(unet_pattern: str, text_encoder_pattern: str) -> str:
     """One regex over the module names of WaveFT Train's parts (``unet.<name>``, ``te1.transformer.<name>``,
-    ``te2.transformer.<name>``): the UNet pattern searched in the UNet's names, the text-encoder one (if any)
+    ``te2.transformer.<name>``, SD1's ``te.transformer.<name>``): the UNet pattern searched in the UNet's names, the text-encoder one (if any)
     in the encoders' (``text_model.encoder.layers.0.self_attn.q_proj``: Hugging Face's and kohya's names).
     A pattern anchored with ``^`` stays anchored at the start of ``<name>``."""
 
@@ -135,7 +145,7 @@ def part_pattern(unet_pattern: str, text_encoder_pattern: str) -> str:
 
     alternatives = [within("unet", unet_pattern)]
     if text_encoder_pattern:
-        alternatives.append(within(r"te[12]\.transformer", text_encoder_pattern))
+        alternatives.append(within(r"te[12]?\.transformer", text_encoder_pattern))
     return "|".join(f"(?:{a})" for a in alternatives)
 
 

@@ -280,3 +280,19 @@ def test_part_prefix_is_the_kohya_name():
     assert part_prefix(UNET_Q) == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     assert part_prefix(TE1_Q) == "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
     assert part_prefix(TE2_FC) == "lora_te2_text_model_encoder_layers_31_mlp_fc1"
+
+
+def test_text_encoders_are_named_as_kohya_does():
+    """SDXL's two encoders are ``te1``/``te2`` (``lora_te1_``/``lora_te2_``); SD1's lone CLIP-L is ``te``
+    (``lora_te_``, what kohya and A1111 expect there)."""
+    patches = _glue("patches")
+    clip_l, clip_g = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    sdxl = SimpleNamespace(cond_stage_model=SimpleNamespace(clip_l=clip_l, clip_g=clip_g))
+    sd1 = SimpleNamespace(cond_stage_model=SimpleNamespace(clip_l=clip_l))
+    assert patches.text_encoders(sdxl) == {"te1": clip_l, "te2": clip_g}
+    assert patches.text_encoders(sd1) == {"te": clip_l}
+    name = "te.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    assert patches.part_prefix(name) == "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    import re
+
+    assert re.search(patches.part_pattern("attn1", r"q_proj$"), name)

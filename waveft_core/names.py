@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import re
 
-KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
+KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_", "te": "lora_te_"}  # te: SD1's one encoder
 
 # diffusers ``UNet2DConditionModel(**SDXL_DIFFUSERS_UNET)`` is SDXL's UNet (random weights): tests and benchmarks
 SDXL_DIFFUSERS_UNET = dict(
@@ -41,7 +41,7 @@ _UNET_SIMPLE = {
 
 
 def kohya_name(component: str, module_path: str) -> str:
-    """``lora_unet_`` / ``lora_te1_`` / ``lora_te2_`` + the module path with ``.`` replaced by ``_``."""
+    """``lora_unet_`` / ``lora_te1_`` / ``lora_te2_`` (``lora_te_`` for SD1) + the module path, ``.`` -> ``_``."""
     if component not in KOHYA_PREFIX:
         raise ValueError(f"component must be one of {sorted(KOHYA_PREFIX)}, got {component!r}")
     return KOHYA_PREFIX[component] + module_path.replace(".", "_")
