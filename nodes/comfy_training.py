@@ -132,7 +132,8 @@ def in_loop_conditioning(model: Any, clip: Any, prompt: str) -> Conditioning:
         encoder.reset_clip_options()
         if clip.layer_idx is not None:
             encoder.set_clip_options({"layer": clip.layer_idx})
-        context, pooled = encoder.encode_token_weights(tokens)[:2]
+        with torch.autograd.graph.saved_tensors_hooks(_copy_if_in_graph, _same):
+            context, pooled = encoder.encode_token_weights(tokens)[:2]
         batch, (height, width) = cond["size"].shape[0], cond["size"][0].tolist()  # a batch is one bucket
         y = None
         if pooled is not None:
@@ -141,6 +142,18 @@ def in_loop_conditioning(model: Any, clip: Any, prompt: str) -> Conditioning:
         return context.expand(batch, -1, -1), None if y is None else y.expand(batch, -1)
 
     return conditioning
+
+
+def _copy_if_in_graph(tensor: torch.Tensor) -> torch.Tensor:
+    # ComfyUI's CLIP layers add their residuals in place (``x += attn(norm(x))``), which autograd refuses once
+    # the norm has saved ``x``: saving a copy of every activation in the graph (77 tokens: small) makes the
+    # encoders trainable as they are, with gradients equal to an out-of-place forward's (checked on
+    # ComfyUI's real SDXL CLIP). Frozen weights and their casts are not in the graph and are not copied.
+    return tensor.clone() if tensor.requires_grad else tensor
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def make_denoise(

@@ -224,6 +224,26 @@ def tiny_clip():
     return comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
 
 
+def small_sdxl_clip(seed: int = 0):
+    """ComfyUI's real SDXL CLIP classes (tokenizer, CLIP-L, CLIP-G, manual-cast fp16 weights, in-place
+    residuals) cut to three layers each, random weights: what WaveFT Train meets in a real install."""
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    small = {"num_hidden_layers": 3, "intermediate_size": 64}  # 3: SDXL reads the penultimate layer
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float16, "clip_l_model_config": small, "clip_g_model_config": small})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in clip.cond_stage_model.named_parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+            else:  # norms' weights one, biases zero
+                param.fill_(1.0 if name.endswith("weight") and "norm" in name else 0.0)
+    return clip
+
+
 def tiny_vae():
     import comfy.sd
     import comfy.taesd.taesd

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_host import boot, pack_module, require_comfy, run_prompt, tiny_clip, tiny_sdxl, tiny_vae
+from comfy_host import boot, pack_module, require_comfy, run_prompt, small_sdxl_clip, tiny_clip, tiny_sdxl, tiny_vae
 
 from waveft_core import load_adapter
 
@@ -135,6 +135,58 @@ def test_text_encoders_train_too_when_asked(host):
         assert not torch.allclose(trained, plain)
         _, applied = nodes["WaveFTApply"].execute(model, adapter, 1.0, 1.0, clip=clip).args
         torch.testing.assert_close(applied.encode_from_tokens(tokens), trained)
+
+
+def test_text_encoders_of_comfyuis_real_sdxl_clip_train(host):
+    """Through ComfyUI's real SDXL CLIP classes (cut to three layers): every adapted layer that can reach the
+    conditioning is trained, with prompt weights too."""
+    import comfy.model_management as mm
+
+    train = host["nodes"].NODE_CLASS_MAPPINGS["WaveFTTrain"]
+    options = {**TRAIN, "instance_prompt": "a photo of (zjw:1.2) dog", "name": "real_clip", "text_encoder_pattern": r"self_attn\.(q_proj|v_proj)$"}
+    with torch.inference_mode():
+        output = train.execute([tiny_sdxl(seed=4)], [small_sdxl_clip()], [tiny_vae()], [torch.rand(1, 32, 32, 3)],
+                               **{k: [v] for k, v in options.items()})
+    te = {p: layer for p, layer in output.args[1].layers.items() if p.startswith("lora_te")}
+    # CLIP-L's output is its penultimate layer: its last layer (index 2) cannot change the conditioning
+    assert len(te) == 12 and {p for p, layer in te.items() if layer.coef.abs().sum() == 0} == {
+        "lora_te1_text_model_encoder_layers_2_self_attn_q_proj", "lora_te1_text_model_encoder_layers_2_self_attn_v_proj"}
+    mm.unload_all_models()
+
+
+def test_in_loop_conditioning_gradients_equal_an_out_of_place_clip(host, monkeypatch):
+    """ComfyUI's CLIP layers add residuals in place after their norms saved the input; the conditioning is
+    computed so that the gradients equal those of the same CLIP written out of place."""
+    import comfy.clip_model
+
+    from waveft_core import WaveFTConfig, attach_waveft
+
+    comfy_training, patches = pack_module("nodes.comfy_training"), pack_module("nodes.patches")
+    clip = small_sdxl_clip(seed=5)
+    encoders = torch.nn.ModuleDict(patches.text_encoders(clip)).requires_grad_(False)
+    layers = attach_waveft(encoders, WaveFTConfig(n_frequency=64, target_pattern=r"self_attn\.(q_proj|v_proj)$"))
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.coef, std=0.01)
+    conditioning = comfy_training.in_loop_conditioning(tiny_sdxl(seed=5), clip, "a photo of (zjw:1.2) dog")
+
+    def gradients() -> torch.Tensor:
+        for layer in layers.values():
+            layer.coef.grad = None
+        context, y = conditioning({"size": torch.tensor([[64, 96], [64, 96]])})
+        assert context.shape == (2, 77, 2048) and y.shape == (2, 2816)
+        (context.square().mean() + y.square().mean()).backward()
+        return torch.cat([layer.coef.grad if layer.coef.grad is not None else torch.zeros(64) for layer in layers.values()])
+
+    ours = gradients()
+
+    def out_of_place(self, x, mask=None, optimized_attention=None):
+        x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+        return x + self.mlp(self.layer_norm2(x))
+
+    monkeypatch.setattr(comfy.clip_model.CLIPLayer, "forward", out_of_place)
+    reference = gradients()
+    assert (reference != 0).sum() >= 0.8 * reference.numel()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-8)
 
 
 def test_cancel_keeps_the_last_step_on_disk(host, progress_calls):
