@@ -144,13 +144,17 @@ def fill_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.M
     return module
 
 
-def tiny_sdxl(seed: int = 0):
-    """A ``ModelPatcher`` around an SDXL-architecture UNet (10.8M parameters; SDXL key names and layout)."""
+def tiny_sdxl(seed: int = 0, dtype: torch.dtype | None = None, manual_cast: torch.dtype | None = None):
+    """A ``ModelPatcher`` around an SDXL-architecture UNet (10.8M parameters; SDXL key names and layout), with
+    weights in ``dtype`` and, with ``manual_cast``, computing in that (ComfyUI's manual-cast models)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    model = comfy.supported_models.SDXL(dict(TINY_SDXL)).get_model({})
+    config = comfy.supported_models.SDXL(dict(TINY_SDXL))
+    if dtype is not None:
+        config.set_inference_dtype(dtype, manual_cast)
+    model = config.get_model({})
     fill_(model.diffusion_model, seed)
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())

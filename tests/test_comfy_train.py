@@ -189,6 +189,28 @@ def test_in_loop_conditioning_gradients_equal_an_out_of_place_clip(host, monkeyp
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("dtype,manual_cast", [(torch.bfloat16, None), (torch.float16, torch.float32)])
+def test_half_precision_and_manual_cast_models_train(host, dtype, manual_cast):
+    """What GPUs run: a bf16 UNet, and fp16 weights computed in float32 by ComfyUI's manual-cast layers
+    (the targeted Linears are cast for training and given back afterwards)."""
+    import comfy.model_management as mm
+
+    train = host["nodes"].NODE_CLASS_MAPPINGS["WaveFTTrain"]
+    model = tiny_sdxl(seed=6, dtype=dtype, manual_cast=manual_cast)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    assert before["diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"].dtype == dtype
+    with torch.inference_mode():
+        output = train.execute([model], [tiny_clip()], [tiny_vae()], [torch.rand(1, 32, 32, 3)],
+                               **{k: [v] for k, v in {**TRAIN, "name": f"half_{dtype}"}.items()})
+    trained, adapter = output.args[0], output.args[1]
+    assert all(torch.isfinite(layer.coef).all() for layer in adapter.layers.values())
+    assert sum(bool(layer.coef.abs().sum() > 0) for layer in adapter.layers.values()) > len(adapter.layers) // 2
+    mm.unload_all_models()
+    after = model.model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert len(trained.patches) == len(adapter.layers)
+
+
 def test_cancel_keeps_the_last_step_on_disk(host, progress_calls):
     _, stop_at, _ = progress_calls
     stop_at.append(2)
