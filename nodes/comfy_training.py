@@ -119,6 +119,19 @@ def training_parts(model: Any, clip: Any | None, config: WaveFTConfig) -> Iterat
             _replace(module, key, tensor, key in module._parameters)
 
 
+def require_text_encoder_targets(parts: nn.ModuleDict, config: WaveFTConfig, pattern: str) -> None:
+    """Refuse a text-encoder pattern that would train nothing there (rather than silently the UNet only)."""
+    if set(parts) == {"unet"}:
+        raise ValueError("text_encoder_pattern is set, but this CLIP has no CLIP-L/CLIP-G encoder to train (SDXL, SD1.x)")
+    linears = [name for name, module in parts.named_modules() if not name.startswith("unet.") and isinstance(module, nn.Linear)]
+    if not any(config.targets(name) for name in linears):
+        example = linears[0].split(".", 2)[-1] if linears else "none"
+        raise ValueError(
+            f"text_encoder_pattern {pattern!r} matches none of the text encoders' {len(linears)} Linear layers "
+            f"(their names look like {example!r})"
+        )
+
+
 Conditioning = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor | None]]
 
 

@@ -24,6 +24,7 @@ from .comfy_training import (
     encode_dataset,
     in_loop_conditioning,
     make_denoise,
+    require_text_encoder_targets,
     schedule,
     training_parts,
 )
@@ -122,6 +123,8 @@ class WaveFTTrain(io.ComfyNode):
         with_text_encoders = bool(opt.get("text_encoder_pattern"))
         conditioning = in_loop_conditioning(model, clip, opt["instance_prompt"]) if with_text_encoders else None
         with torch.inference_mode(False), training_parts(model, clip if with_text_encoders else None, settings.waveft) as (parts, dtype):
+            if with_text_encoders:
+                require_text_encoder_targets(parts, settings.waveft, opt["text_encoder_pattern"])
             checkpoint = run_checkpoint(parts, dtype, settings, data, opt["name"])
             if opt.get("resume", True) and state_path(checkpoint).exists():
                 log.info("[WaveFT] continuing the run saved in %s", checkpoint)

@@ -137,6 +137,13 @@ def test_text_encoders_train_too_when_asked(host):
         torch.testing.assert_close(applied.encode_from_tokens(tokens), trained)
 
 
+def test_a_text_encoder_pattern_that_selects_nothing_is_an_error(host):
+    train = host["nodes"].NODE_CLASS_MAPPINGS["WaveFTTrain"]
+    options = {**TRAIN, "name": "te_typo", "text_encoder_pattern": r"self_atn\.q_proj$"}
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"matches none of the text encoders' 12 Linear layers.*text_model\.encoder"):
+        train.execute([tiny_sdxl(seed=7)], [tiny_clip()], [tiny_vae()], [torch.rand(1, 32, 32, 3)], **{k: [v] for k, v in options.items()})
+
+
 def test_text_encoders_of_comfyuis_real_sdxl_clip_train(host):
     """Through ComfyUI's real SDXL CLIP classes (cut to three layers): every adapted layer that can reach the
     conditioning is trained, with prompt weights too."""
