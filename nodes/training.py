@@ -13,7 +13,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..trainer import TrainingData, TrainSettings, plot_losses, run_key, state_path, train_waveft
+from ..trainer import TrainingData, TrainResult, TrainSettings, plot_losses, run_key, state_path, train_waveft
 from ..waveft_core import SDXL_ATTENTION_PATTERN, AdapterFile, WaveFTConfig, save_adapter, supported_wavelets
 from . import paths
 from .comfy_patching import apply_layers
@@ -53,6 +53,28 @@ def run_checkpoint(parts: torch.nn.Module, dtype: torch.dtype, settings: TrainSe
     weights = [m.weight for n, m in parts.named_modules() if isinstance(m, torch.nn.Linear) and settings.waveft.targets(n)]
     device = next(parts.parameters()).device
     return paths.checkpoint_path(folder_paths, name, run_key(settings, data, weights, device, dtype))
+
+
+def train(model, clip, data: TrainingData, settings: TrainSettings, opt: dict, watch: Watch) -> TrainResult:
+    """Train on ComfyUI's UNet (and text encoders, with a text-encoder pattern), checkpointing as it goes and
+    continuing this run's checkpoint when asked to."""
+    te_pattern = opt.get("text_encoder_pattern", "")
+    conditioning = in_loop_conditioning(model, clip, opt["instance_prompt"]) if te_pattern else None
+    with torch.inference_mode(False), training_parts(model, clip if te_pattern else None, settings.waveft) as (parts, dtype):
+        if te_pattern:
+            require_text_encoder_targets(parts, settings.waveft, te_pattern)
+        checkpoint = run_checkpoint(parts, dtype, settings, data, opt["name"])
+        resume = opt.get("resume", True)
+        if resume and state_path(checkpoint).exists():
+            log.info("[WaveFT] continuing the run saved in %s", checkpoint)
+        unet = parts["unet"]
+        return train_waveft(
+            parts, make_denoise(unet, dtype, conditioning), data, settings,
+            name_to_prefix=part_prefix, output_path=checkpoint, resume=resume,
+            progress=watch.progress, should_stop=watch.should_stop,
+            metadata={"ss_base_model_version": base_model_version(model)},
+            set_gradient_checkpointing=checkpointing_hook(unet), input_dtype=dtype,
+        )
 
 
 def save(adapter: AdapterFile, folder: str, name: str) -> Path:
@@ -120,22 +142,7 @@ class WaveFTTrain(io.ComfyNode):
         settings = train_settings(model, opt)
         data = encode_dataset(model, clip, vae, images, opt["instance_prompt"], settings.resolution)
         watch = Watch(settings.steps)  # ComfyUI attributes the bar to the executing node
-        with_text_encoders = bool(opt.get("text_encoder_pattern"))
-        conditioning = in_loop_conditioning(model, clip, opt["instance_prompt"]) if with_text_encoders else None
-        with torch.inference_mode(False), training_parts(model, clip if with_text_encoders else None, settings.waveft) as (parts, dtype):
-            if with_text_encoders:
-                require_text_encoder_targets(parts, settings.waveft, opt["text_encoder_pattern"])
-            checkpoint = run_checkpoint(parts, dtype, settings, data, opt["name"])
-            if opt.get("resume", True) and state_path(checkpoint).exists():
-                log.info("[WaveFT] continuing the run saved in %s", checkpoint)
-            unet = parts["unet"]
-            result = train_waveft(
-                parts, make_denoise(unet, dtype, conditioning), data, settings,
-                name_to_prefix=part_prefix, output_path=checkpoint, resume=opt.get("resume", True),
-                progress=watch.progress, should_stop=watch.should_stop,
-                metadata={"ss_base_model_version": base_model_version(model)},
-                set_gradient_checkpointing=checkpointing_hook(unet), input_dtype=dtype,
-            )
+        result = train(model, clip, data, settings, opt, watch)
         adapter = AdapterFile(result.layers, result.metadata)
         if watch.cancelled:  # keep the last completed step on disk, then let ComfyUI report the interrupt
             if result.steps_done:
