@@ -6,6 +6,8 @@ The model is a tiny sgm-shaped UNet (ldm module paths, ``forward(x, timesteps, c
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import zlib
 from pathlib import Path
@@ -89,11 +91,11 @@ class Conditioning(list):
         self.width, self.height = width, height
 
 
-def fake_conditioner(calls: list):
+def fake_conditioner(calls: list, context: int = CTX, vector: int = VEC):
     def get_learned_conditioning(batch):
         calls.append((list(batch), batch.width, batch.height))
         gen = torch.Generator().manual_seed(zlib.crc32(f"{batch[0]}{batch.width}x{batch.height}".encode()))
-        return {"crossattn": torch.randn(1, TOKENS, CTX, generator=gen), "vector": torch.randn(1, VEC, generator=gen)}
+        return {"crossattn": torch.randn(1, TOKENS, context, generator=gen), "vector": torch.randn(1, vector, generator=gen)}
 
     return get_learned_conditioning
 
@@ -212,6 +214,47 @@ def test_run_trains_saves_previews_and_restores_the_model(tmp_path):
     after = unet.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(type(m) is not pack.waveft_core.WaveFTLinear for m in unet.modules())
+
+
+def _sgm_checkout() -> Path | None:
+    root = os.environ.get("WEBUI_ROOT")
+    path = Path(root) / "repositories" / "generative-models" if root else None
+    return path if path is not None and (path / "sgm" / "modules" / "diffusionmodules" / "openaimodel.py").is_file() else None
+
+
+@pytest.mark.skipif(_sgm_checkout() is None, reason="set WEBUI_ROOT to an A1111 install that has repositories/generative-models "
+                    "(A1111 clones it at first launch) to train through the real SDXL UNet code")
+def test_run_trains_through_the_real_sgm_unet(tmp_path, monkeypatch):
+    """The tab's whole run on Stability's own SDXL UNet class (sgm ``UNetModel``, SDXL's block layout cut to
+    11 transformer blocks, random weights): all 88 attention projections train, the model comes back exact."""
+    import sys
+    import types
+
+    sgm_root = _sgm_checkout() / "sgm"
+    for name, path in (("sgm", sgm_root), ("sgm.modules", sgm_root / "modules")):  # their __init__ imports
+        package = types.ModuleType(name)  # open_clip and lightning, which the UNet does not need
+        package.__path__ = [str(path)]
+        monkeypatch.setitem(sys.modules, name, package)
+    from sgm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(0)
+    unet = UNetModel(adm_in_channels=2816, num_classes="sequential", in_channels=4, out_channels=4, model_channels=32,
+                     attention_resolutions=[4, 2], num_res_blocks=2, channel_mult=[1, 2, 4], num_head_channels=16,
+                     use_linear_in_transformer=True, transformer_depth=[0, 1, 1], context_dim=2048).requires_grad_(False)
+    with torch.no_grad():  # sgm zero-initialises its output projections, which would stop every gradient
+        for param in unet.parameters():
+            param.copy_(torch.randn_like(param) * 0.05)
+    wrapper = Wrapper()
+    wrapper.diffusion_model = unet
+    env = pieces(tmp_path, sd_model=SimpleNamespace(model=wrapper, is_sdxl=True))
+    env.host.encode_prompt = train_data.sdxl_prompt_encoder(fake_conditioner(env.calls, 2048, 2816), Conditioning)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    result = train_a1111.run_training(request(write_images(tmp_path / "imgs", [(64, 64)] * 2)), env.host)
+    assert result.steps_done == 3 and all(math.isfinite(loss) for loss in result.losses)
+    saved = load_adapter(tmp_path / "Lora" / "my adapter.safetensors")
+    assert len(saved.layers) == 88 and "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k" in saved.layers
+    assert sum(bool(layer.coef.abs().sum() > 0) for layer in saved.layers.values()) == 88
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
 
 
 def test_interrupt_before_the_first_step_saves_nothing(tmp_path):
