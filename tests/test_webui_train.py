@@ -230,6 +230,7 @@ def test_run_trains_through_the_real_sgm_unet(tmp_path, monkeypatch):
     import sys
     import types
 
+    pytest.importorskip("einops", reason="sgm's UNet needs einops (A1111 installs it)")
     sgm_root = _sgm_checkout() / "sgm"
     for name, path in (("sgm", sgm_root), ("sgm.modules", sgm_root / "modules")):  # their __init__ imports
         package = types.ModuleType(name)  # open_clip and lightning, which the UNet does not need
