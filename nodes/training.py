@@ -13,7 +13,16 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..trainer import TrainingData, TrainResult, TrainSettings, plot_losses, run_key, state_path, train_waveft
+from ..trainer import (
+    TrainingData,
+    TrainResult,
+    TrainSettings,
+    plot_losses,
+    run_key,
+    saved_steps,
+    state_path,
+    train_waveft,
+)
 from ..waveft_core import SDXL_ATTENTION_PATTERN, AdapterFile, WaveFTConfig, save_adapter, supported_wavelets
 from . import paths
 from .comfy_patching import apply_layers
@@ -64,9 +73,7 @@ def train(model, clip, data: TrainingData, settings: TrainSettings, opt: dict, w
         if te_pattern:
             require_text_encoder_targets(parts, settings.waveft, te_pattern)
         checkpoint = run_checkpoint(parts, dtype, settings, data, opt["name"])
-        resume = opt.get("resume", True)
-        if resume and state_path(checkpoint).exists():
-            log.info("[WaveFT] continuing the run saved in %s", checkpoint)
+        resume = opt.get("resume", True) and continues(checkpoint, settings.steps)
         unet = parts["unet"]
         return train_waveft(
             parts, make_denoise(unet, dtype, conditioning), data, settings,
@@ -75,6 +82,18 @@ def train(model, clip, data: TrainingData, settings: TrainSettings, opt: dict, w
             metadata={"ss_base_model_version": base_model_version(model)},
             set_gradient_checkpointing=checkpointing_hook(unet), input_dtype=dtype,
         )
+
+
+def continues(checkpoint: Path, steps: int) -> bool:
+    """Whether to continue the run in ``checkpoint``: not when it is longer than ``steps`` (it holds no earlier
+    step), so a shorter run is trained from the start instead of returning the longer one."""
+    saved = saved_steps(state_path(checkpoint))
+    if saved is not None and saved > steps:
+        log.info("[WaveFT] %s holds %d steps, more than the %d asked for: training from the start", checkpoint, saved, steps)
+        return False
+    if saved is not None:
+        log.info("[WaveFT] continuing the run saved in %s from step %d", checkpoint, saved)
+    return True
 
 
 def save(adapter: AdapterFile, folder: str, name: str) -> Path:

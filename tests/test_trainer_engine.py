@@ -17,7 +17,7 @@ from trainer_toys import (  # noqa: F401  (one_thread: an autouse fixture)
     toy_settings,
 )
 
-from trainer import NonFiniteLossError, TrainingStopped, state_path, train_waveft
+from trainer import NonFiniteLossError, TrainingStopped, saved_steps, state_path, train_waveft
 from waveft_core import WaveFTConfig, load_adapter, waveft_layers
 
 
@@ -101,6 +101,19 @@ def test_resume_after_crash_and_extension(tmp_path):
     _, longer = train(toy_settings(steps=12), output_path=out)  # constant lr: steps may grow
     _, full = train(toy_settings(steps=12))
     assert longer.losses == full.losses
+
+
+def test_resume_refuses_a_run_longer_than_asked(tmp_path):
+    """A state of 6 steps cannot give a 4-step adapter (it holds no earlier steps): an error, not 6 steps."""
+    out = tmp_path / "run.safetensors"
+    train(toy_settings(steps=6), output_path=out)
+    assert saved_steps(state_path(out)) == 6  # from the header, as a host checks before resuming
+    (tmp_path / "junk.waveft-state").write_bytes(b"\x00" * 40)
+    assert saved_steps(tmp_path / "junk.waveft-state") is None and saved_steps(tmp_path / "none") is None
+    with pytest.raises(ValueError, match="holds 6 trained steps, more than the 4 asked for"):
+        train(toy_settings(steps=4), output_path=out)
+    _, fresh = train(toy_settings(steps=4), output_path=out, resume=False)
+    assert fresh.steps_done == 4 and load_adapter(out).metadata["ss_steps"] == "4"
 
 
 def test_resume_refuses_other_settings_and_can_start_over(tmp_path):

@@ -10,10 +10,10 @@ Hosts encode images and prompts themselves, then call::
 
 Public API: :class:`TrainSettings`, :class:`TrainingData`, :func:`train_waveft`, :class:`TrainResult`,
 :class:`TrainingStopped`, :class:`NonFiniteLossError`, :func:`plot_losses`, :class:`TextProgress`,
-:func:`state_path`, :func:`run_key`. ``python -m trainer demo`` runs the whole job on a tiny built-in model.
+:func:`state_path`, :func:`saved_steps`, :func:`run_key`. ``python -m trainer demo`` runs the whole job on a tiny built-in model.
 """
 
-from .checkpoint import run_key, state_path
+from .checkpoint import run_key, saved_steps, state_path
 from .data import TrainingData
 from .engine import NonFiniteLossError, TrainingStopped, TrainResult, train_waveft
 from .plot import encode_png, plot_losses
@@ -30,6 +30,7 @@ __all__ = [
     "encode_png",
     "plot_losses",
     "run_key",
+    "saved_steps",
     "state_path",
     "train_waveft",
 ]

@@ -103,6 +103,15 @@ def save_state(
     return path
 
 
+def saved_steps(path: str | os.PathLike) -> int | None:
+    """The completed steps a state file records, read from its header only; ``None`` if it is unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return int(json.loads((handle.metadata() or {})["waveft_train_state"])["step"])
+    except Exception:  # missing, truncated or foreign files all mean "no usable state"
+        return None
+
+
 def read_state(path: str | os.PathLike) -> tuple[TrainState, dict[str, dict[str, torch.Tensor]]]:
     """Parse a state file: the JSON part and ``{kind: {module name: tensor}}``. Raises ``ValueError``."""
     path = Path(path)

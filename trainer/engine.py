@@ -218,6 +218,11 @@ class _Run:
                 f"{path.name} was saved by a run with other settings or data ({', '.join(differ[:6])}); "
                 "pass resume=False to start over"
             )
+        if state.step > self.settings.steps:
+            raise ValueError(
+                f"{path.name} holds {state.step} trained steps, more than the {self.settings.steps} asked for; "
+                "ask for at least as many, or pass resume=False to start over"
+            )
         ckpt.restore_state(tensors, state, self.layers, self.optimizer)
         if state.scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(state.scaler)
