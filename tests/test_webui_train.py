@@ -266,6 +266,22 @@ def test_interrupt_before_the_first_step_saves_nothing(tmp_path):
     assert not (tmp_path / "Lora" / "my adapter.preview.png").exists() and "refresh" not in env.calls
 
 
+def test_an_existing_adapter_is_never_overwritten_by_a_new_run(tmp_path):
+    """Training under a taken name only continues that name's own run; a new run or a foreign file is refused
+    before anything is encoded or written."""
+    env = pieces(tmp_path)
+    paths = write_images(tmp_path / "imgs", [(64, 64)])
+    train_a1111.run_training(request(paths, steps=2), env.host)
+    saved = (tmp_path / "Lora" / "my adapter.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="already exists: choose another name, or tick 'Continue"):
+        train_a1111.run_training(request(paths, steps=2), env.host)
+    assert (tmp_path / "Lora" / "my adapter.safetensors").read_bytes() == saved
+    assert train_a1111.run_training(request(paths, steps=3, resume=True), env.host).steps_done == 3  # continues
+    (tmp_path / "Lora" / "downloaded.safetensors").write_bytes(saved)
+    with pytest.raises(ValueError, match="no saved training state"):
+        train_a1111.run_training(request(paths, name="downloaded", resume=True), env.host)
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"name": "../evil"}, "adapter name"), ({"name": ""}, "adapter name"), ({"image_paths": []}, "no training images"),
     ({"wavelet": "bogus"}, "unknown wavelet"), ({"budget": 0}, "n_frequency"), ({"steps": 0}, "steps"),

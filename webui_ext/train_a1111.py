@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..trainer import TrainingData, TrainResult, TrainSettings, train_waveft
+from ..trainer import TrainingData, TrainResult, TrainSettings, state_path, train_waveft
 from ..waveft_core import WaveFTConfig, names
 from .train_data import (
     EncodeImage,
@@ -75,6 +75,15 @@ def output_path(lora_dir: Path, name: str) -> Path:
     return Path(lora_dir) / f"{name}.safetensors"
 
 
+def refuse_to_overwrite(path: Path, resume: bool) -> None:
+    """An adapter of this name is only ever replaced by continuing its own run (its state file beside it)."""
+    if path.exists() and not resume:
+        raise ValueError(f"an adapter named {path.stem!r} already exists: choose another name, or tick "
+                         "'Continue a saved run of this name' to train it further")
+    if path.exists() and not state_path(path).exists():
+        raise ValueError(f"{path.name} has no saved training state beside it to continue: choose another name")
+
+
 def settings_for(request: TrainRequest, model_name: str) -> TrainSettings:
     """Engine settings: the paper's defaults plus what the tab exposes (invalid values raise ValueError)."""
     waveft = WaveFTConfig(n_frequency=int(request.budget), scaling=float(request.scaling), wavelet=request.wavelet)
@@ -119,6 +128,7 @@ def run_training(request: TrainRequest, host: HostPieces) -> TrainResult:
     if not request.image_paths:
         raise ValueError("no training images: upload some or give a folder")
     path = output_path(host.lora_dir, request.name)
+    refuse_to_overwrite(path, request.resume)
     settings = settings_for(request, host.model_name)
     host.state.textinfo = f"WaveFT: preparing {len(request.image_paths)} image(s)"
     images = [load_image(p, settings.resolution) for p in request.image_paths]
