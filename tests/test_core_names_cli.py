@@ -156,6 +156,21 @@ def test_bake_merges_into_sgm_checkpoint(tmp_path):
     assert torch.equal(baked["model.diffusion_model.out.2.bias"], checkpoint["model.diffusion_model.out.2.bias"])
 
 
+def test_cli_never_writes_over_its_inputs_and_asks_before_replacing_a_file(tmp_path, capsys):
+    _sample_adapter(tmp_path, ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",))
+    ckpt, adapter = str(tmp_path / "ckpt.safetensors"), str(tmp_path / "a.safetensors")
+    save_file({"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": torch.randn(640, 640)}, ckpt)
+    original = (tmp_path / "ckpt.safetensors").read_bytes()
+    assert main(["bake", ckpt, adapter, ckpt, "--overwrite"]) == 2  # the base model itself: never
+    assert "is also an input" in capsys.readouterr().err and (tmp_path / "ckpt.safetensors").read_bytes() == original
+    out = tmp_path / "baked.safetensors"
+    out.write_bytes(b"keep me")
+    assert main(["bake", ckpt, adapter, str(out)]) == 2 and out.read_bytes() == b"keep me"
+    assert "exists: choose another name or pass --overwrite" in capsys.readouterr().err
+    assert main(["bake", ckpt, adapter, str(out), "--overwrite"]) == 0 and out.read_bytes() != b"keep me"
+    assert main(["convert-peft", str(tmp_path), str(out)]) == 2 and "exists" in capsys.readouterr().err
+
+
 def test_bake_refuses_when_a_layer_is_missing(tmp_path, capsys):
     _sample_adapter(tmp_path)
     save_file({"model.diffusion_model.out.2.bias": torch.randn(4)}, str(tmp_path / "ckpt.safetensors"))

@@ -50,12 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert-peft", help="PEFT WaveFT folder (diffusers SDXL UNet) -> v1 file")
     convert.add_argument("peft_dir")
     convert.add_argument("out")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     bake = commands.add_parser("bake", help="merge an adapter into an SDXL single-file checkpoint")
     bake.add_argument("checkpoint")
     bake.add_argument("adapter")
     bake.add_argument("out")
     bake.add_argument("--strength", type=float, default=1.0)
+    bake.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never CHECKPOINT itself)")
     return parser
+
+
+def check_output(out: str, overwrite: bool, *sources: str) -> None:
+    """Refuse to write over an input (a baked checkpoint over its own base model) or, unasked, any file."""
+    target = Path(out).resolve()
+    if any(Path(source).resolve() == target for source in sources):
+        raise ValueError(f"{out} is also an input: write the result to another file")
+    if target.exists() and not overwrite:
+        raise ValueError(f"{out} exists: choose another name or pass --overwrite")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             info = summarize(args.file)
             print(json.dumps(info, indent=2)) if args.json else _print_summary(info)
         elif args.command == "convert-peft":
+            check_output(args.out, args.overwrite)
             adapter = convert_peft(args.peft_dir, args.out)
             print(f"wrote {args.out}: {len(adapter.layers)} layers, {adapter.num_params:,} parameters")
         else:
+            check_output(args.out, args.overwrite, args.checkpoint, args.adapter)
             merged = bake_checkpoint(args.checkpoint, args.adapter, args.out, args.strength)
             print(f"wrote {args.out}: {merged} layers merged at strength {args.strength}")
     except (AdapterFileError, FileNotFoundError, ValueError) as err:
