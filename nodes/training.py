@@ -137,7 +137,7 @@ class WaveFTTrain(io.ComfyNode):
                 io.String.Input("target_pattern", default=SDXL_ATTENTION_PATTERN, tooltip="Regex of the Linear layers to adapt."),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Less memory, about 30% slower."),
                 io.Combo.Input("precision", options=["auto", "bf16", "fp16", "no"], default="auto",
-                               tooltip="Autocast. auto: the model's own half type on a GPU (bf16 where the card has it, else fp16), none on CPU."),
+                               tooltip="Autocast. auto: the model's own half type on a GPU (bf16 where the card has it, else fp16; on a Mac fp16 where torch can loss-scale there), none on CPU."),
                 io.String.Input("name", default="waveft_subject", tooltip="Recorded in the adapter; names the file saved on Cancel and the checkpoints."),
                 io.Int.Input("save_every", default=SAVE_EVERY, min=0, max=100000, optional=True,
                              tooltip="Checkpoint every N steps (0: only on Cancel or an error) in models/waveft/checkpoints."),

@@ -421,3 +421,33 @@ def test_auto_precision_is_fp16_on_gpus_without_native_bf16(monkeypatch, native_
     assert settings.precision(torch.device("cuda"), torch.bfloat16) == "bf16"
     assert settings.precision(torch.device("cuda"), torch.float32) == expected
     assert settings.precision(torch.device("cpu"), torch.float16) == "no"
+
+
+@pytest.mark.parametrize("scaling_works,expected", [(True, "fp16"), (False, "no")])
+def test_auto_precision_on_other_accelerators(monkeypatch, scaling_works, expected):
+    """Apple's MPS, Intel's XPU: an fp16 model gets fp16 autocast with loss scaling where this torch does both
+    right there, else no autocast; bf16 and float32 models need neither."""
+    import trainer.settings as settings_module
+
+    monkeypatch.setattr(settings_module, "scaled_fp16_works", lambda device: scaling_works)
+    settings = toy_settings(mixed_precision="auto")
+    assert settings.precision(torch.device("mps"), torch.float16) == expected
+    assert settings.precision(torch.device("mps"), torch.bfloat16) == "no"
+    assert settings.precision(torch.device("xpu"), torch.float32) == "no"
+
+
+@needs_cpu_fp16
+def test_scaled_fp16_probe_checks_the_update_itself(monkeypatch):
+    import trainer.settings as settings_module
+
+    probe = settings_module.scaled_fp16_works.__wrapped__
+    assert probe(torch.device("cpu"))  # this torch autocasts fp16 and loss-scales on the CPU
+    with monkeypatch.context() as patch:  # a step that silently does the wrong thing: caught by its result
+        patch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
+        assert not probe(torch.device("cpu"))
+
+    def broken(*args, **kwargs):
+        raise TypeError("Cannot convert a MPS Tensor to float64 dtype")
+
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_", broken)
+    assert not probe(torch.device("cpu"))

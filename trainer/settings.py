@@ -9,6 +9,7 @@ with ``b0 = 0.00085``, ``b1 = 0.012``, ``T = 1000``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -132,10 +133,15 @@ class TrainSettings:
         """
         if self.mixed_precision != "auto":
             return self.mixed_precision
-        if torch.device(device).type != "cuda":
-            return "no"
+        device = torch.device(device)
         own = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model_dtype)  # type: ignore[arg-type]
-        return own or ("bf16" if _native_bf16() else "fp16")  # pre-Ampere cards (T4, 20xx, 10xx): fp16
+        if device.type == "cpu":
+            return "no"
+        if device.type == "cuda":
+            return own or ("bf16" if _native_bf16() else "fp16")  # pre-Ampere cards (T4, 20xx, 10xx): fp16
+        # other accelerators (Apple's MPS, Intel's XPU): an fp16 model needs loss scaling, which only newer
+        # torch does there (MPS: autocast from 2.5, loss scaling from 2025); bf16 and float32 need none
+        return "fp16" if own == "fp16" and scaled_fp16_works(device) else "no"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (the inverse is ``TrainSettings(**d)``)."""
@@ -158,6 +164,24 @@ class TrainSettings:
             out.pop("steps")
         out["mixed_precision"] = self.precision(torch.device(device), model_dtype)
         return out
+
+
+@functools.cache
+def scaled_fp16_works(device: torch.device) -> bool:
+    """Whether fp16 autocast plus ``torch.amp.GradScaler`` train correctly on ``device`` with this torch:
+    one scaled SGD step on a float32 parameter (what the coefficients are) must give the unscaled update."""
+    try:
+        param = torch.zeros(2, device=device, requires_grad=True)
+        optimizer = torch.optim.SGD([param], lr=0.5)
+        scaler = torch.amp.GradScaler(device.type)
+        with torch.autocast(device.type, dtype=torch.float16):
+            loss = (param * torch.tensor([1.0, 2.0], device=device)).sum()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return bool(torch.allclose(param.detach().cpu(), torch.tensor([-0.5, -1.0])))
+    except Exception:  # a device or torch without these kernels raises in many ways (TypeError on MPS < 2025)
+        return False
 
 
 def _native_bf16() -> bool:
