@@ -148,3 +148,28 @@ def test_training_on_portable_kernels_matches_the_sparse_kernels(tmp_path, monke
     portable = train("portable.safetensors")
     np.testing.assert_allclose(portable, sparse, rtol=1e-4)
     assert (tmp_path / "portable.safetensors").is_file()
+
+
+@pytest.mark.parametrize("portable", [True, False])
+def test_the_update_stays_float32_maths_under_autocast(monkeypatch, portable):
+    """Autocast would run convolutions and matrix products in bf16; both kernel families compute the update
+    and its gradients in float32 whatever autocast says."""
+    if portable:
+        monkeypatch.setattr(plans, "sparse_kernels_work", lambda device: False)
+    torch.manual_seed(6)
+    layer = WaveFTLinear(torch.nn.Linear(48, 40), 150, "db3")
+    with torch.no_grad():
+        layer.coef.normal_()
+    x = torch.randn(2, 37, 48, requires_grad=True)
+    plan = layer.plan(CPU)
+    assert isinstance(plan, PortablePlan if portable else SparsePlan)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        delta = plans.delta_forward(x.detach().reshape(-1, 48), layer.coef.detach(), plan, 25.0, torch.float32)
+        grad_coef, grad_x = plans.delta_backward(
+            torch.ones(74, 40), x.detach().reshape(-1, 48), layer.coef.detach(), plan, 25.0, True)
+    dense = layer.delta_weight().double()
+    x64 = x.detach().reshape(-1, 48).double()
+    assert delta.dtype == torch.float32 and rel_error(delta, x64 @ dense.T) <= 1e-5
+    assert rel_error(grad_x, torch.ones(74, 40, dtype=torch.float64) @ dense) <= 1e-5
+    layout = patch_layout(layer.positions, layer.shape, "db3")
+    assert rel_error(grad_coef, coef_grad_from_weight_grad(torch.ones(74, 40, dtype=torch.float64).T @ x64, layout, "db3", 25.0)) <= 1e-5

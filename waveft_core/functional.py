@@ -106,6 +106,14 @@ def patch_index(layout: PatchLayout, wavelet: str, device: torch.device | str) -
     return PatchIndex(rows, cols, flat, taps, touched, slot)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``, on every torch the hosts ship (A1111 1.10 has 2.1)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument, only per-device functions
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 @dataclass
 class LayerPlan:
     """What every way of evaluating a layer's update needs: its patch layout and wavelet, and the weight-patch

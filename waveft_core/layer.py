@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight
+from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, autocast_enabled, delta_weight
 from .plans import Plan, delta_backward, delta_forward, shared_plan
 from .positions import DEFAULT_SEED, check_positions, sample_positions
 from .wavelets import check_wavelet
@@ -91,14 +91,6 @@ class _DeltaFn(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.reshape(x.shape)
         return grad_x, grad_coef if ctx.needs_input_grad[1] else None, None, None, None
-
-
-def autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type``, on every torch the hosts ship (A1111 1.10 has 2.1)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device argument, only per-device functions
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def waveft_delta(

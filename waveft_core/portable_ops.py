@@ -21,12 +21,13 @@ and no activation is transposed. Costs are ``O(tokens * (p + L * features))`` as
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .functional import LayerPlan, patch_layout
+from .functional import LayerPlan, autocast_enabled, patch_layout
 from .wavelets import synthesis_filters
 
 CHUNK_ELEMENTS = 1 << 22  # per temporary: 16 MB of float32
@@ -64,6 +65,11 @@ def synthesise(y: torch.Tensor, n: int, filters: torch.Tensor) -> torch.Tensor:
     return full[:, 0, shift : shift + n]
 
 
+def _float32_maths(device: torch.device) -> contextlib.AbstractContextManager:
+    # autocast would run the convolutions in half precision; the update is float32 maths, as on the sparse path
+    return torch.autocast(device.type, enabled=False) if autocast_enabled(device.type) else contextlib.nullcontext()
+
+
 def _chunk_tokens(plan: PortablePlan) -> int:
     """Tokens per chunk, so that each ``tokens x p`` or ``tokens x features`` temporary stays near
     ``CHUNK_ELEMENTS`` values whatever the resolution."""
@@ -80,11 +86,12 @@ def portable_delta_forward(
     out = torch.empty(x.shape[0], g.out_features, dtype=dtype, device=x.device)
     b_values = coef.to(torch.float32) * float(scaling)
     step = _chunk_tokens(plan)
-    for start in range(0, x.shape[0], step):
-        x_analysed = analyse(x[start : start + step].to(torch.float32), g.half_cols, plan.filters)
-        mixed = torch.zeros(x_analysed.shape[0], 2 * g.half_rows, dtype=torch.float32, device=x.device)
-        mixed.index_add_(1, plan.rows, x_analysed.index_select(1, plan.cols) * b_values)
-        out[start : start + step] = synthesise(mixed, g.out_features, plan.filters)
+    with _float32_maths(x.device):
+        for start in range(0, x.shape[0], step):
+            x_analysed = analyse(x[start : start + step].to(torch.float32), g.half_cols, plan.filters)
+            mixed = torch.zeros(x_analysed.shape[0], 2 * g.half_rows, dtype=torch.float32, device=x.device)
+            mixed.index_add_(1, plan.rows, x_analysed.index_select(1, plan.cols) * b_values)
+            out[start : start + step] = synthesise(mixed, g.out_features, plan.filters)
     return out
 
 
@@ -97,16 +104,17 @@ def portable_delta_backward(
     grad_x = torch.empty(x.shape[0], g.in_features, dtype=x.dtype, device=x.device) if input_grad else None
     b_values = coef.to(torch.float32) * float(scaling)
     step = _chunk_tokens(plan)
-    for start in range(0, x.shape[0], step):
-        g_analysed = analyse(grad[start : start + step].to(torch.float32), g.half_rows, plan.filters)
-        g_picked = g_analysed.index_select(1, plan.rows)
-        x_picked = analyse(x[start : start + step].to(torch.float32), g.half_cols, plan.filters).index_select(1, plan.cols)
-        grad_coef += (g_picked * x_picked).sum(0)
-        del x_picked
-        if grad_x is not None:
-            mixed = torch.zeros(g_picked.shape[0], 2 * g.half_cols, dtype=torch.float32, device=x.device)
-            mixed.index_add_(1, plan.cols, g_picked * b_values)
-            grad_x[start : start + step] = synthesise(mixed, g.in_features, plan.filters)
+    with _float32_maths(x.device):
+        for start in range(0, x.shape[0], step):
+            g_analysed = analyse(grad[start : start + step].to(torch.float32), g.half_rows, plan.filters)
+            g_picked = g_analysed.index_select(1, plan.rows)
+            x_analysed = analyse(x[start : start + step].to(torch.float32), g.half_cols, plan.filters)
+            grad_coef += (g_picked * x_analysed.index_select(1, plan.cols)).sum(0)
+            del x_analysed
+            if grad_x is not None:
+                mixed = torch.zeros(g_picked.shape[0], 2 * g.half_cols, dtype=torch.float32, device=x.device)
+                mixed.index_add_(1, plan.cols, g_picked * b_values)
+                grad_x[start : start + step] = synthesise(mixed, g.in_features, plan.filters)
     return grad_coef * float(scaling), grad_x
 
 
@@ -115,5 +123,6 @@ def portable_dense_delta(coef: torch.Tensor, plan: PortablePlan, scaling: float)
     g = plan.layout.geometry
     b = torch.zeros(2 * g.half_rows, 2 * g.half_cols, dtype=torch.float32, device=plan.rows.device)
     b[plan.rows, plan.cols] = coef.detach().to(b) * float(scaling)
-    b_s_c = synthesise(b, g.in_features, plan.filters)  # 2 H2 x in
-    return synthesise(b_s_c.t().contiguous(), g.out_features, plan.filters).t().contiguous()
+    with _float32_maths(b.device):
+        b_s_c = synthesise(b, g.in_features, plan.filters)  # 2 H2 x in
+        return synthesise(b_s_c.t().contiguous(), g.out_features, plan.filters).t().contiguous()
