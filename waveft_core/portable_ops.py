@@ -14,9 +14,8 @@ and the sparse ``B`` (``p`` values ``b_k = s c_k`` at ``(r_k, q_k)``) is a gathe
     g dW          = synth_c(Z),  Z[:, q_k] += b_k Ga[:, r_k]     with Ga = g S_r^T
     dL/dc_k       = s * sum_t Ga[t, r_k] Xa[t, q_k]
 
-Every op here exists on every torch backend (Apple's MPS could not even build a sparse CSR tensor in 2026:
-pytorch/pytorch#129842),
-and no activation is transposed. Costs are ``O(tokens * (p + L * features))`` as on the sparse path, with
+Every op here exists on every torch backend (Apple's MPS could not even build a sparse CSR tensor in 2026,
+pytorch/pytorch#129842), and no activation is transposed. Costs are ``O(tokens * (p + L * features))`` as on the sparse path, with
 ``tokens x p`` gathered temporaries, bounded by chunking the tokens. Maths in float32.
 """
 
