@@ -85,10 +85,10 @@ def apply_layers(
     new_model, new_clip = model, clip
     if model is not None and strength_model != 0 and plan.unet:
         new_model = model.clone()
-        new_model.add_patches({k: adapter_class(set(), layer) for k, layer in plan.unet.items()}, strength_model)
+        new_model.add_patches({k: adapter_class.from_layer(layer) for k, layer in plan.unet.items()}, strength_model)
     if clip is not None and strength_clip != 0 and plan.clip:
         new_clip = clip.clone()
-        new_clip.add_patches({k: adapter_class(set(), layer) for k, layer in plan.clip.items()}, strength_clip)
+        new_clip.add_patches({k: adapter_class.from_layer(layer) for k, layer in plan.clip.items()}, strength_clip)
     log.info("[WaveFT] %s: %d UNet and %d text-encoder layer(s) applied", source, len(plan.unet), len(plan.clip))
     return new_model, new_clip
 

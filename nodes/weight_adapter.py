@@ -13,7 +13,7 @@ The class is built by :func:`make_adapter_class` on whatever base class the host
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, MutableSequence
+from collections.abc import Callable, Mapping, MutableSequence, Sequence
 from typing import Any
 
 import torch
@@ -39,17 +39,38 @@ def _is_identity(function: Callable[[torch.Tensor], torch.Tensor] | None) -> boo
 
 
 class WaveFTAdapterMixin:
-    """The behaviour of the WaveFT adapter; :func:`make_adapter_class` puts it on a host's base class."""
+    """The behaviour of the WaveFT adapter; :func:`make_adapter_class` puts it on a host's base class.
+
+    Everything the adapter needs lives in ``weights = [coef, layer]``: newer ComfyUI (dynamic VRAM) rebuilds
+    every adapter as ``type(v)(v.loaded_keys, moved(v.weights))``, moving the tensors it finds there into a
+    staging buffer whose data may arrive only after construction, and its bypass loader replaces ``weights``
+    with copies cast to the layer's dtype. So ``coef`` is the one tensor in ``weights`` (the host may move and
+    cast it), ``layer`` is a :class:`LayerAdapter` the host passes through untouched (shape, wavelet, scaling,
+    seed or explicit integer positions, and the shared patch-geometry cache), and nothing is read at
+    construction.
+    """
 
     name = "waveft"
     multiplier = 1.0  # set by newer ComfyUI's bypass mode before it calls h()
     is_waveft_adapter = True
 
-    def __init__(self, loaded_keys: set[str], layer: LayerAdapter) -> None:
+    def __init__(self, loaded_keys: set[str], weights: Sequence[Any]) -> None:
+        # duck-typed: tests and A1111 import the core under more than one module name
+        if len(weights) != 2 or not hasattr(weights[1], "with_coef"):
+            raise TypeError("a WaveFT adapter is built from weights = [coef, LayerAdapter]")
         self.loaded_keys = loaded_keys
-        self.layer = layer
-        self.weights = [layer.coef]
-        self.shape = layer.shape
+        self.weights = weights
+        self.shape = weights[1].shape
+
+    @classmethod
+    def from_layer(cls, layer: LayerAdapter, loaded_keys: set[str] | None = None) -> WaveFTAdapterMixin:
+        return cls(set() if loaded_keys is None else loaded_keys, [layer.coef, layer])
+
+    @property
+    def layer(self) -> LayerAdapter:
+        """The layer with the coefficients the host holds now (moved, possibly cast: maths in float32)."""
+        coef, layer = self.weights[0], self.weights[1]
+        return layer if coef is layer.coef else layer.with_coef(coef.to(torch.float32))
 
     @classmethod
     def load(
@@ -72,7 +93,7 @@ class WaveFTAdapterMixin:
             return None
         layer = layer_from_tensors(x, {suffix: lora[key] for suffix, key in present.items()})
         loaded_keys.update(present.values())
-        return cls(loaded_keys, layer)  # type: ignore[call-arg]
+        return cls.from_layer(layer, loaded_keys)
 
     def calculate_weight(
         self,
@@ -91,21 +112,22 @@ class WaveFTAdapterMixin:
         """
         if strength == 0:
             return weight
-        if tuple(weight.shape) != tuple(self.layer.shape):
+        layer = self.layer
+        if tuple(weight.shape) != tuple(layer.shape):
             log.error("[WaveFT] %s: adapter is for a %s weight, the model's is %s; not applied",
-                      key, self.layer.shape, tuple(weight.shape))
+                      key, layer.shape, tuple(weight.shape))
             return weight
         if _is_identity(function):
             # sparse scatter; the layer caches its patch geometry per device, so a low-VRAM forward pays
             # for the scatter alone
-            self.layer.add_to_(weight, float(strength))
+            layer.add_to_(weight, float(strength))
         else:
-            delta = self.layer.delta_weight().to(weight.device) * float(strength)
+            delta = layer.delta_weight().to(weight.device) * float(strength)
             weight += function(delta.to(weight.dtype))  # type: ignore[misc]
         return weight
 
     def calculate_shape(self, key: str) -> tuple[int, int]:
-        return self.layer.shape
+        return self.weights[1].shape
 
     def h(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         """Bypass mode (newer ComfyUI): the additive output ``multiplier * x dW^T``, from the activations."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import inspect
 import os
 import shutil
 import sys
@@ -280,6 +281,9 @@ def run_prompt(prompt: dict) -> tuple[object, StubServer]:
     valid = asyncio.run(execution.validate_prompt("waveft-test", prompt, None))
     assert valid[0], valid
     server = StubServer()
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    kwargs = {}
+    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:
+        kwargs["cache_args"] = {"lru": 0, "ram": 0.0, "ram_inactive": 0.0}  # newer ComfyUI reads these at execute
+    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, **kwargs)
     executor.execute(prompt, "waveft-test", extra_data={}, execute_outputs=valid[2])
     return executor, server

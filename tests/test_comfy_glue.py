@@ -67,7 +67,7 @@ def test_adapter_load_rejects_a_bad_layer_naming_the_key(adapter_class):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_calculate_weight_adds_strength_times_dw_in_place(adapter_class, dtype):
     layer = _layer(wavelet="db2")
-    adapter = adapter_class(set(), layer)
+    adapter = adapter_class.from_layer(layer)
     weight = torch.randn(24, 20).to(dtype)
     expected = (weight.float() + 0.4 * layer.delta_weight()).to(dtype)
     out = adapter.calculate_weight(weight, "k", 0.4, 1.0, None, lambda a: a)
@@ -77,7 +77,7 @@ def test_calculate_weight_adds_strength_times_dw_in_place(adapter_class, dtype):
 
 def test_calculate_weight_on_a_narrowed_view_and_with_a_function(adapter_class):
     layer = _layer()
-    adapter = adapter_class(set(), layer)
+    adapter = adapter_class.from_layer(layer)
     fused = torch.zeros(72, 20)
     view = fused.narrow(0, 24, 24)  # what ComfyUI passes with an offset; it keeps the original tensor
     adapter.calculate_weight(view, "k", 1.0, 1.0, (0, 24, 24), lambda a: a)
@@ -90,16 +90,50 @@ def test_calculate_weight_on_a_narrowed_view_and_with_a_function(adapter_class):
 def test_calculate_weight_refuses_a_wrong_shape(adapter_class, caplog):
     weight = torch.zeros(20, 24)
     with caplog.at_level(logging.ERROR):
-        assert adapter_class(set(), _layer()).calculate_weight(weight, "diffusion_model.x.weight", 1.0, 1.0, None, None) is weight
+        assert adapter_class.from_layer(_layer()).calculate_weight(weight, "diffusion_model.x.weight", 1.0, 1.0, None, None) is weight
     assert not weight.any() and "diffusion_model.x.weight" in caplog.text
 
 
 def test_h_is_strength_times_x_dw_t(adapter_class):
     layer = _layer(wavelet="sym3")
-    adapter = adapter_class(set(), layer)
+    adapter = adapter_class.from_layer(layer)
     adapter.multiplier = -0.7
     x = torch.randn(2, 7, 20)
     assert torch.allclose(adapter.h(x, None), -0.7 * x @ layer.delta_weight().T, atol=1e-5)
+
+
+def test_adapter_is_rebuilt_from_loaded_keys_and_weights_alone(adapter_class):
+    """Newer ComfyUI (dynamic VRAM) rebuilds ``type(v)(v.loaded_keys, moved(v.weights))`` with the tensor data
+    arriving after construction; explicit positions ride along untouched."""
+    layer = _layer(wavelet="db2")
+    explicit = LayerAdapter(layer.coef, layer.shape, layer.scaling, layer.wavelet, positions=layer.flat_positions())
+    for source in (layer, explicit):
+        adapter = adapter_class.from_layer(source)
+        staged = torch.full_like(adapter.weights[0], float("nan"))
+        rebuilt = type(adapter)(adapter.loaded_keys, [staged, adapter.weights[1]])
+        staged.copy_(adapter.weights[0])  # the data lands only now
+        weight = torch.randn(24, 20)
+        expected = adapter.calculate_weight(weight.clone(), "k", 0.8, 1.0, None, None)
+        assert torch.equal(rebuilt.calculate_weight(weight, "k", 0.8, 1.0, None, None), expected)
+        assert rebuilt.calculate_shape("k") == (24, 20) and rebuilt.loaded_keys is adapter.loaded_keys
+
+
+def test_adapter_survives_bypass_casting_its_tensors(adapter_class):
+    """The bypass loader replaces ``weights`` with every tensor cast to the layer's dtype, integers included;
+    only the coefficients are a tensor there, and the maths stays in float32."""
+    layer = _layer(shape=(640, 64), p=200, wavelet="db1")
+    explicit = LayerAdapter(layer.coef, layer.shape, layer.scaling, layer.wavelet, positions=layer.flat_positions())
+    adapter = adapter_class.from_layer(explicit)
+    adapter.weights = [w.to(torch.bfloat16) if isinstance(w, torch.Tensor) else w for w in adapter.weights]
+    x = torch.randn(3, 64)
+    reference = x.double() @ layer.with_coef(layer.coef.to(torch.bfloat16).double()).delta_weight().double().T
+    assert torch.allclose(adapter.h(x, None).double(), reference, rtol=1e-4, atol=1e-4)
+    assert torch.equal(adapter.weights[1].positions, layer.flat_positions())
+
+
+def test_adapter_refuses_weights_it_cannot_use(adapter_class):
+    with pytest.raises(TypeError, match="coef, LayerAdapter"):
+        adapter_class(set(), [torch.zeros(3)])
 
 
 def test_register_is_idempotent():

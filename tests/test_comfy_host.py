@@ -182,7 +182,7 @@ def test_low_vram_mode_gives_the_same_outputs(host, base):
 def test_bypass_h_is_strength_times_x_dw_t(host):
     adapter_class = pack_module("nodes.comfy_patching").setup()
     layer = LayerAdapter(torch.randn(60), (48, 40), 25.0, "db2", seed=4)
-    adapter = adapter_class(set(), layer)
+    adapter = adapter_class.from_layer(layer)
     adapter.multiplier = 0.6
     x = torch.randn(3, 5, 40)
     assert torch.allclose(adapter.h(x, None), 0.6 * x @ layer.delta_weight().T, atol=1e-5)

@@ -22,7 +22,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -74,6 +74,16 @@ class LayerAdapter:
     @property
     def num_params(self) -> int:
         return int(self.coef.numel())
+
+    def with_coef(self, coef: torch.Tensor) -> LayerAdapter:
+        """This layer with other storage for its coefficients (a host's copy moved to a device or cast).
+
+        The twin shares the geometry caches: they depend on positions, shape and wavelet, never on ``coef``,
+        so a host that rebuilds the layer on every forward does not rebuild its patch index.
+        """
+        twin = replace(self, coef=coef)
+        twin._cache = self._cache
+        return twin
 
     def flat_positions(self) -> torch.Tensor:
         if self.positions is not None:

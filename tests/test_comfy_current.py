@@ -1,0 +1,165 @@
+"""WaveFT on the paths of today's ComfyUI (``COMFYUI_PATH``; each test skips where the host lacks the feature):
+dynamic VRAM's ``LowVramPatch`` that rebuilds adapters into a staging buffer, patch maths in fp16/bf16, and
+the bypass loader that calls ``h()`` on activations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfy_host import boot, require_comfy, tiny_sdxl
+
+from waveft_core import LayerAdapter
+from waveft_core.names import kohya_name
+
+require_comfy()
+
+Q4 = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+K2 = "middle_block.1.transformer_blocks.0.attn2.to_k"
+OUT = "output_blocks.0.1.transformer_blocks.0.attn1.to_out.0"
+
+
+@pytest.fixture(scope="module")
+def host():
+    return boot()
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_sdxl(seed=0)
+
+
+def _key(name: str) -> str:
+    return f"diffusion_model.{name}.weight"
+
+
+def _file_tensors(model, seed: int = 5) -> tuple[dict[str, torch.Tensor], dict[str, LayerAdapter]]:
+    """A file's tensors for three layers: seeded (db1, db2) and explicit positions (db3, a long filter)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = model.model.state_dict()
+    shape = {name: tuple(sd[_key(name)].shape) for name in (Q4, K2, OUT)}
+    layers = {
+        Q4: LayerAdapter(torch.randn(200, generator=g), shape[Q4], 25.0, "db1", seed=777),
+        K2: LayerAdapter(torch.randn(150, generator=g), shape[K2], 10.0, "db2", seed=3),
+        OUT: LayerAdapter(torch.randn(40, generator=g), shape[OUT], 25.0, "db3",
+                          positions=torch.randperm(shape[OUT][0] * shape[OUT][1], generator=g)[:40]),
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        tensors.update(layer.tensors(kohya_name("unet", name)))
+    return tensors, layers
+
+
+def _patched(base, strength: float = 0.7):
+    import comfy.sd
+
+    tensors, layers = _file_tensors(base)
+    model, _ = comfy.sd.load_lora_for_models(base, None, tensors, strength, 0.0)
+    return model, layers
+
+
+def _has_dynamic_vram() -> bool:
+    import comfy.model_patcher
+
+    return hasattr(comfy.model_patcher.LowVramPatch, "prepare")
+
+
+def _dynamic_patch(model, key: str):
+    """``LowVramPatch`` driven the way ``comfy/ops.py`` drives it under dynamic VRAM: size it, prepare into a
+    buffer whose bytes arrive later (filled with NaN until then), stage the data, then patch."""
+    import comfy.model_patcher
+
+    if not _has_dynamic_vram():
+        pytest.skip("this ComfyUI has no dynamic VRAM (LowVramPatch.prepare)")
+    patch = comfy.model_patcher.LowVramPatch(key, model.patches)
+    size = patch.memory_required()
+    assert size > 0, "the coefficients must be counted, so the host moves them"
+    destination = torch.full((size,), 255, dtype=torch.uint8)  # 0xFFFFFFFF: NaN in float32
+    patch.prepare(destination, None, copy=False, commit=True)
+    pinned = torch.empty(size, dtype=torch.uint8)
+    patch.prepare(pinned, None, copy=True, commit=False)
+    destination.copy_(pinned)
+    return patch
+
+
+def test_dynamic_vram_patch_equals_a_full_load(host, base):
+    import comfy.lora
+
+    model, _ = _patched(base)
+    sd = base.model.state_dict()
+    for name in (Q4, K2, OUT):
+        key = _key(name)
+        full = comfy.lora.calculate_weight(model.patches[key], sd[key].clone(), key)
+        dynamic = _dynamic_patch(model, key)(sd[key].clone())
+        assert torch.equal(dynamic, full), name
+        assert not torch.equal(full, sd[key]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_patch_maths_is_within_the_dtypes_rounding(host, base, dtype):
+    """Dynamic VRAM and low-VRAM patch in the weight's own dtype (``intermediate_dtype=weight.dtype``)."""
+    import comfy.lora
+
+    model, layers = _patched(base, strength=0.7)
+    sd = base.model.state_dict()
+    eps = torch.finfo(dtype).eps
+    for name, layer in layers.items():
+        key = _key(name)
+        w0 = sd[key].to(dtype)
+        reference = w0.double() + 0.7 * layer.delta_weight().double()
+        outputs = [comfy.lora.calculate_weight(model.patches[key], w0.clone(), key, intermediate_dtype=dtype)]
+        if _has_dynamic_vram():
+            outputs.append(_dynamic_patch(model, key)(w0.clone()))
+        for out in outputs:
+            assert out.dtype == dtype
+            error = (out.double() - reference).abs()
+            bound = eps * reference.abs() + torch.finfo(dtype).tiny
+            assert bool((error <= bound).all()), (name, float((error / bound).max()))
+
+
+def _forward(model):
+    import comfy.model_management as mm
+
+    g = torch.Generator().manual_seed(0)
+    x, context, pooled = torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 8, 2048, generator=g), torch.randn(1, 1280, generator=g)
+    y = model.model.encode_adm(pooled_output=pooled, width=32, height=32)
+    sigma = model.model.model_sampling.percent_to_sigma(0.4) * torch.ones(1)
+    with torch.inference_mode():
+        mm.load_models_gpu([model])
+        out = model.model.apply_model(x, sigma, c_crossattn=context, y=y)
+        mm.unload_all_models()
+    return out
+
+
+def test_bypass_loader_equals_the_merged_model(host, base):
+    import comfy.sd
+
+    if not hasattr(comfy.sd, "load_bypass_lora_for_models"):
+        pytest.skip("this ComfyUI has no bypass LoRA loader")
+    tensors, _ = _file_tensors(base, seed=6)
+    merged, _ = comfy.sd.load_lora_for_models(base, None, tensors, 0.6, 0.0)
+    bypass, _ = comfy.sd.load_bypass_lora_for_models(base, None, tensors, 0.6, 0.0)
+    assert not bypass.patches, "WaveFT layers must go to bypass injection, not weight patches"
+    plain, with_merged, with_bypass = _forward(base), _forward(merged), _forward(bypass)
+    assert not torch.allclose(with_merged, plain, atol=1e-4)
+    assert torch.allclose(with_bypass, with_merged, atol=1e-5), (with_bypass - with_merged).abs().max()
+    assert torch.equal(_forward(base), plain), "the base model must come back untouched"
+
+
+def test_bypass_node_runs_a_waveft_file(host, base):
+    import importlib
+
+    try:
+        debug_nodes = importlib.import_module("comfy_extras.nodes_lora_debug")
+    except ModuleNotFoundError:
+        pytest.skip("this ComfyUI has no bypass LoRA nodes (comfy_extras/nodes_lora_debug.py)")
+    from safetensors.torch import save_file
+
+    tensors, _ = _file_tensors(base, seed=7)
+    save_file(tensors, str(host["work"] / "models" / "loras" / "bypass_dog.safetensors"))
+    node = debug_nodes.NODE_CLASS_MAPPINGS["LoraLoaderBypassModelOnly"]()
+    (patched,) = getattr(node, node.FUNCTION)(base, "bypass_dog.safetensors", 0.9)
+    import comfy.sd
+
+    merged, _ = comfy.sd.load_lora_for_models(base, None, tensors, 0.9, 0.0)
+    assert torch.allclose(_forward(patched), _forward(merged), atol=1e-5)
