@@ -10,4 +10,4 @@ import importlib.util
 if importlib.util.find_spec("comfy_api") is not None:
     from .nodes import comfy_entrypoint  # noqa: F401  (ComfyUI looks this name up)
 
-WEB_DIRECTORY = None
+WEB_DIRECTORY = "./web"  # the page side: training seed kept fixed, saved paths shown on the nodes

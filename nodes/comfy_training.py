@@ -222,6 +222,19 @@ def base_model_version(model: Any) -> str:
     return BASE_MODEL_VERSIONS.get(name, name)
 
 
+def show_on_node(text: str) -> None:
+    """Show ``text`` on the executing node in the page (ComfyUI's ``progress_text`` message); a no-op where
+    there is no server (tests, scripts) or the host predates the message."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:
+        return
+    context, server = get_executing_context(), getattr(PromptServer, "instance", None)
+    if context is not None and server is not None and hasattr(server, "send_progress_text"):
+        server.send_progress_text(text, context.node_id)
+
+
 class Watch:
     """Progress bar per step and Cancel, in the engine's terms (``progress`` / ``should_stop``)."""
 

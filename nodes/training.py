@@ -6,6 +6,7 @@ Node ids are a saved workflow's identity: never rename them.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -35,6 +36,7 @@ from .comfy_training import (
     make_denoise,
     require_text_encoder_targets,
     schedule,
+    show_on_node,
     training_parts,
 )
 from .loaders import CATEGORY, WaveFT
@@ -45,8 +47,22 @@ MAX_SEED = 2**63 - 1
 SAVE_EVERY = 50
 
 
+# engine field -> the widget the user sees, so a refused value is named as on the node
+WIDGET_NAMES = {"mixed_precision": "precision", "grad_accum": "grad_accumulation", "output_name": "name", "n_frequency": "budget"}
+
+
 def train_settings(model, opt: dict) -> TrainSettings:
     """The node's widgets as the engine's settings, with the model's own noise schedule and prediction type."""
+    try:
+        return _train_settings(model, opt)
+    except ValueError as err:
+        message = str(err)
+        for field_name, widget in WIDGET_NAMES.items():
+            message = re.sub(rf"\b{field_name}\b", widget, message)
+        raise ValueError(f"WaveFT Train: {message}") from None
+
+
+def _train_settings(model, opt: dict) -> TrainSettings:
     return TrainSettings(
         steps=opt["steps"], learning_rate=opt["learning_rate"], batch_size=opt["batch_size"],
         grad_accum=opt["grad_accumulation"], seed=opt["seed"], resolution=opt["resolution"],
@@ -133,7 +149,8 @@ class WaveFTTrain(io.ComfyNode):
                 io.Int.Input("batch_size", default=1, min=1, max=64),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=256),
                 io.Int.Input("resolution", default=1024, min=32, max=4096, step=8, tooltip="Images are resized and cropped to about this many pixels squared."),
-                io.Int.Input("seed", default=777, min=0, max=MAX_SEED, tooltip="Training randomness (noise, timesteps, order); fixed so re-queueing reuses the result."),
+                io.Int.Input("seed", default=777, min=0, max=MAX_SEED, control_after_generate=True,
+                             tooltip="Training randomness (noise, timesteps, order). Keep 'control after generate' on fixed (the default here): another seed is another run, so re-queueing would start over instead of continuing."),
                 io.String.Input("target_pattern", default=SDXL_ATTENTION_PATTERN, tooltip="Regex of the Linear layers to adapt."),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Less memory, about 30% slower."),
                 io.Combo.Input("precision", options=["auto", "bf16", "fp16", "no"], default="auto",
@@ -165,7 +182,8 @@ class WaveFTTrain(io.ComfyNode):
         adapter = AdapterFile(result.layers, result.metadata)
         if watch.cancelled:  # keep the last completed step on disk, then let ComfyUI report the interrupt
             if result.steps_done:
-                save(adapter, paths.FOLDER, f"{opt['name']}_step{result.steps_done}")
+                path = save(adapter, paths.FOLDER, f"{opt['name']}_step{result.steps_done}")
+                show_on_node(f"Cancelled after step {result.steps_done}: saved {path}")
             raise mm.InterruptProcessingException()
         trained, trained_clip = apply_layers(model, clip, result.layers, 1.0, 1.0, opt["name"])
         plot = plot_losses(result.losses)[None].float() / 255

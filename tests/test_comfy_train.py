@@ -45,9 +45,14 @@ def progress_calls():
         mm.throw_exception_if_processing_interrupted()  # ... and the server's hook raises
 
     previous = comfy.utils.PROGRESS_BAR_HOOK
+    throttle = getattr(comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL", None)
     comfy.utils.set_progress_bar_global_hook(hook)
+    if throttle is not None:  # newer ComfyUI sends at most one update per 0.1 s; these steps are faster
+        comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL = 0.0
     yield calls, stop_at, crash
     comfy.utils.set_progress_bar_global_hook(previous)
+    if throttle is not None:
+        comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL = throttle
     mm.interrupt_current_processing(False)
 
 
@@ -295,3 +300,11 @@ def test_engine_convention_matches_comfyui_sampling(host):
         noisy = x0 + sigma * eps  # ComfyUI's EPS parametrisation
         denoised = base.apply_model(noisy, sigma.flatten(), c_crossattn=cond["context"], y=cond["y"])
     assert torch.allclose(ours, (noisy - denoised) / sigma, atol=1e-4)
+
+
+def test_a_refused_setting_is_named_as_the_widget_on_the_node(host):
+    training = pack_module("nodes.training")
+    opt = {**TRAIN, "precision": "zjw_dog"}
+    with pytest.raises(ValueError, match=r"WaveFT Train: precision must be one of .*got 'zjw_dog'") as err:
+        training.train_settings(tiny_sdxl(seed=0), opt)
+    assert "mixed_precision" not in str(err.value)
