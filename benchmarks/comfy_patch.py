@@ -9,6 +9,8 @@ interleaved, median of ``--repeats`` (wall clock and process CPU time, which oth
   ``calculate_weight``, rounding back, parameter swap), what ComfyUI does when it loads a model;
 * low-VRAM patching: ``LowVramPatch`` for every weight, what ComfyUI does on *every forward* when the model
   does not fit (the adapter works on a copy in the weight's own dtype);
+* dynamic-VRAM patching (newer ComfyUI): ``memory_required`` + ``prepare`` into a staging buffer (every
+  adapter rebuilt from its weights) + the patch, what dynamic VRAM does on every forward;
 * the same with a zero-strength patch, i.e. ComfyUI's own overhead around the adapter.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/comfy_patch.py [--dtype fp16|fp32] [--repeats 5]
@@ -84,7 +86,7 @@ def main() -> None:
         return patcher
 
     def waveft(shape):
-        return adapter_class(set(), core.LayerAdapter(torch.randn(args.n) * 1e-3, shape, 25.0, "db1", seed=777))
+        return adapter_class.from_layer(core.LayerAdapter(torch.randn(args.n) * 1e-3, shape, 25.0, "db1", seed=777))
 
     def lora(shape):
         up, down = torch.randn(shape[0], 1, dtype=dtype) * 1e-2, torch.randn(1, shape[1], dtype=dtype) * 1e-2
@@ -112,9 +114,23 @@ def main() -> None:
                 function(weight.to(dtype, copy=True))  # ComfyUI hands the patch a copy (cast_bias_weight)
         return time.perf_counter() - start[0], time.process_time() - start[1]
 
+    def dynamic_vram(patcher) -> tuple[float, float]:
+        """What newer ComfyUI's dynamic VRAM does per forward: size, rebuild into a staging buffer, patch."""
+        functions = [comfy.model_patcher.LowVramPatch(key, patcher.patches) for key in keys]
+        weights = [layer.weight for layer in model.layers]
+        start = time.perf_counter(), time.process_time()
+        with torch.inference_mode():
+            for function, weight in zip(functions, weights, strict=True):
+                function.prepare(torch.empty(function.memory_required(), dtype=torch.uint8), None, copy=True, commit=True)
+                function(weight.to(dtype, copy=True))
+        return time.perf_counter() - start[0], time.process_time() - start[1]
+
+    measures = [("load-time patch (patch_weight_to_device)", load_time), ("low-VRAM patch, per forward (LowVramPatch)", low_vram)]
+    if hasattr(comfy.model_patcher.LowVramPatch, "prepare"):
+        measures.append(("dynamic VRAM, per forward (LowVramPatch.prepare + patch)", dynamic_vram))
     print(f"{len(keys)} SDXL attention layers, {sum(o * i for o, i in shapes) / 1e6:.0f} M weights, {args.dtype}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, ComfyUI at {comfy_path}")
-    for title, measure in (("load-time patch (patch_weight_to_device)", load_time), ("low-VRAM patch, per forward (LowVramPatch)", low_vram)):
+    for title, measure in measures:
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in patchers}
         for patcher in patchers.values():  # warm-up: positions, patch geometry caches, allocator
             measure(patcher)
