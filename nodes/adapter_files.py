@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from ..waveft_core import AdapterFileError, LayerAdapter, layer_from_tensors, load_adapter
+from ..waveft_core.adapter_file import read_header
 
 log = logging.getLogger("WaveFT")
 PEFT_SUFFIX = ".waveft_spectrum"
@@ -86,6 +87,14 @@ def read_peft(path: Path, shape_of: ShapeOf) -> tuple[dict[str, LayerAdapter], l
             except AdapterFileError as err:
                 raise AdapterFileError(f"{path.name}: {err}") from None
     return layers, unknown
+
+
+def is_core_trainer_file(path: str | Path) -> bool:
+    """True for a file of ComfyUI's core Train LoRA node trained with the WaveFT algorithm: WaveFT layers
+    without the format's metadata, beside the trainer's own ``diff`` / ``diff_b`` entries for norms and
+    biases. ComfyUI's own LoRA loading applies those; the WaveFT layers go through our adapter class."""
+    header, metadata = read_header(path)
+    return "waveft_version" not in metadata and any(key.endswith(".waveft_coef") for key in header)
 
 
 def read_adapter(path: str | Path, shape_of: ShapeOf) -> tuple[dict[str, LayerAdapter], dict[str, str], list[str]]:

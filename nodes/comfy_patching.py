@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import comfy.lora
+import comfy.sd
+import comfy.utils
 import comfy.weight_adapter
 import folder_paths
 
 from ..waveft_core import LayerAdapter
 from . import paths
-from .adapter_files import read_adapter
+from .adapter_files import is_core_trainer_file, read_adapter
 from .patches import PatchPlan, plan_patches, unet_key_map
 from .weight_adapter import register
 
@@ -30,7 +33,10 @@ def setup() -> type:
     adapters = comfy.weight_adapter.adapters
     current = _STATE.get("adapter")
     if current is None or current not in adapters:
-        _STATE["adapter"] = register(adapters, comfy.weight_adapter.WeightAdapterBase)
+        # the core Train LoRA node's algorithms and trainable base exist since 0.3.4x: detected, not versioned
+        train_base = getattr(comfy.weight_adapter, "WeightAdapterTrainBase", None)
+        algorithms = getattr(comfy.weight_adapter, "adapter_maps", None)
+        _STATE["adapter"] = register(adapters, comfy.weight_adapter.WeightAdapterBase, train_base, algorithms)
     paths.register_folder(folder_paths)
     return _STATE["adapter"]
 
@@ -93,6 +99,14 @@ def apply_layers(
     return new_model, new_clip
 
 
+def load_with_comfy(model: Any, clip: Any | None, path: Any, strength_model: float, strength_clip: float) -> tuple[Any, Any | None]:
+    """A core-trainer file through ComfyUI's own LoRA loading (its diff entries are ComfyUI's to apply)."""
+    tensors = comfy.utils.load_torch_file(str(path), safe_load=True)
+    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, tensors, strength_model, strength_clip)
+    log.info("[WaveFT] %s: a file of ComfyUI's core trainer, applied by ComfyUI's LoRA loading", Path(path).name)
+    return new_model, new_clip
+
+
 def load_and_apply(
     model: Any, clip: Any | None, name: str, strength_model: float, strength_clip: float
 ) -> tuple[Any, Any | None]:
@@ -101,6 +115,8 @@ def load_and_apply(
         return model, clip
     setup()
     path = paths.resolve(folder_paths, name)
+    if is_core_trainer_file(path):
+        return load_with_comfy(model, clip, path, strength_model, strength_clip)
     keys = ModelKeys(model, clip)
     layers, _, unmapped = read_adapter(path, keys.shape_of)
     return apply_layers(model, clip, layers, strength_model, strength_clip, name, keys, unmapped)

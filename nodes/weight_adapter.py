@@ -13,15 +13,17 @@ The class is built by :func:`make_adapter_class` on whatever base class the host
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, MutableSequence, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, MutableSequence, Sequence
 from typing import Any
 
 import torch
 
 from ..waveft_core import SUFFIXES, AdapterFileError, LayerAdapter, layer_from_tensors
+from .weight_adapter_train import conv_delta, make_train_class, matrix_view
 
 log = logging.getLogger("WaveFT")
 MARKER = "is_waveft_adapter"  # class attribute that identifies our adapter classes in a host's list
+ALGORITHM = "WaveFT"  # its name among the core trainer's algorithms (a saved workflow's value: never rename)
 
 
 def _is_identity(function: Callable[[torch.Tensor], torch.Tensor] | None) -> bool:
@@ -113,24 +115,28 @@ class WaveFTAdapterMixin:
         if strength == 0:
             return weight
         layer = self.layer
-        if tuple(weight.shape) != tuple(layer.shape):
+        matrix = matrix_view(weight, layer.shape)
+        if matrix is None:
             log.error("[WaveFT] %s: adapter is for a %s weight, the model's is %s; not applied",
                       key, layer.shape, tuple(weight.shape))
             return weight
         if _is_identity(function):
             # sparse scatter; the layer caches its patch geometry per device, so a low-VRAM forward pays
             # for the scatter alone
-            layer.add_to_(weight, float(strength))
+            layer.add_to_(matrix, float(strength))
         else:
             delta = layer.delta_weight().to(weight.device) * float(strength)
-            weight += function(delta.to(weight.dtype))  # type: ignore[misc]
+            weight += function(delta.reshape(weight.shape).to(weight.dtype))  # type: ignore[misc]
         return weight
 
-    def calculate_shape(self, key: str) -> tuple[int, int]:
-        return self.weights[1].shape
+    def calculate_shape(self, key: str) -> None:
+        return None  # WaveFT never changes a weight's shape
 
     def h(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
-        """Bypass mode (newer ComfyUI): the additive output ``multiplier * x dW^T``, from the activations."""
+        """Bypass mode (newer ComfyUI): the additive output ``multiplier * x dW^T``, from the activations
+        (a convolution, which the bypass hook marks ``is_conv``, gets the dense ``dW`` as its kernel)."""
+        if getattr(self, "is_conv", False):
+            return conv_delta(self, x, self.layer.delta_weight())
         return self.layer.activation_delta(x, float(self.multiplier))
 
     def g(self, y: torch.Tensor) -> torch.Tensor:
@@ -141,20 +147,47 @@ class WaveFTAdapterMixin:
         return self.g(base_out + self.h(x, base_out).to(base_out.dtype))
 
 
-def make_adapter_class(base: type) -> type:
-    """``WaveFTAdapter``: :class:`WaveFTAdapterMixin` on the host's ``WeightAdapterBase`` ``base``."""
-    return type("WaveFTAdapter", (WaveFTAdapterMixin, base), {"__module__": __name__})
+    @classmethod
+    def create_train(cls, weight: torch.Tensor, rank: int = 1, alpha: float = 1.0, *args: Any) -> Any:
+        """A trainable layer for ComfyUI's core Train LoRA node: ``rank`` is read as LoRA's parameter count
+        at that rank, ``rank * (out + in)`` coefficients (``alpha`` has no WaveFT meaning)."""
+        if cls.train_class is None:
+            raise NotImplementedError("this host has no trainable weight adapters")
+        return cls.train_class.create(weight, int(rank))
+
+    def to_train(self) -> Any:
+        """This layer as a trainable module (the core trainer continuing an ``existing_lora``)."""
+        if self.train_class is None:
+            raise NotImplementedError("this host has no trainable weight adapters")
+        return self.train_class(self.layer)
+
+    train_class: type | None = None  # set by make_adapter_class where the host can train adapters
 
 
-def register(adapters: MutableSequence[type], base: type) -> type:
+def make_adapter_class(base: type, train_base: type | None = None) -> type:
+    """``WaveFTAdapter``: :class:`WaveFTAdapterMixin` on the host's ``WeightAdapterBase`` ``base``, with its
+    trainable twin on ``train_base`` (the host's ``WeightAdapterTrainBase``) where there is one."""
+    train_class = None if train_base is None else make_train_class(train_base)
+    return type("WaveFTAdapter", (WaveFTAdapterMixin, base), {"__module__": __name__, "train_class": train_class})
+
+
+def register(
+    adapters: MutableSequence[type],
+    base: type,
+    train_base: type | None = None,
+    algorithms: MutableMapping[str, type] | None = None,
+) -> type:
     """Put one WaveFT adapter class into a host's adapter list (replacing any earlier one); returns it.
 
-    Idempotent: loading the pack twice, or under two names, leaves a single WaveFT entry.
+    With ``algorithms`` (ComfyUI's ``adapter_maps``, the core trainer's choices) it is offered there as
+    ``WaveFT`` too. Idempotent: loading the pack twice, or under two names, leaves a single WaveFT entry.
     """
-    adapter_class = make_adapter_class(base)
+    adapter_class = make_adapter_class(base, train_base)
     adapters[:] = [a for a in adapters if not getattr(a, MARKER, False)]
     adapters.append(adapter_class)
+    if algorithms is not None and adapter_class.train_class is not None:
+        algorithms[ALGORITHM] = adapter_class
     return adapter_class
 
 
-__all__ = ["AdapterFileError", "WaveFTAdapterMixin", "make_adapter_class", "register"]
+__all__ = ["AdapterFileError", "WaveFTAdapterMixin", "make_adapter_class", "matrix_view", "register"]

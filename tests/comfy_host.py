@@ -158,7 +158,14 @@ def tiny_sdxl(seed: int = 0, dtype: torch.dtype | None = None, manual_cast: torc
     model = config.get_model({})
     fill_(model.diffusion_model, seed)
     model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    # newer ComfyUI rebuilds a model from its loader for deep clones (the core trainer's clone(force_deepcopy))
+    patcher.cached_patcher_init = (_tiny_sdxl_again, (seed, dtype, manual_cast))
+    return patcher
+
+
+def _tiny_sdxl_again(seed: int, dtype, manual_cast, disable_dynamic: bool = False):
+    return tiny_sdxl(seed, dtype, manual_cast)
 
 
 class TinyTokenizer:

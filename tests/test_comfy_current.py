@@ -163,3 +163,120 @@ def test_bypass_node_runs_a_waveft_file(host, base):
 
     merged, _ = comfy.sd.load_lora_for_models(base, None, tensors, 0.9, 0.0)
     assert torch.allclose(_forward(patched), _forward(merged), atol=1e-5)
+
+
+def _load_extra_nodes(host, filename: str) -> dict:
+    """Register one of ComfyUI's ``comfy_extras`` node files (as ComfyUI's start-up does); skip if absent."""
+    import asyncio
+    import os
+
+    from comfy_host import COMFYUI_PATH
+
+    path = os.path.join(COMFYUI_PATH, "comfy_extras", filename)
+    if not os.path.isfile(path):
+        pytest.skip(f"this ComfyUI has no comfy_extras/{filename}")
+    nodes = host["nodes"]
+    if not asyncio.run(nodes.load_custom_node(path, module_parent="comfy_extras")):
+        pytest.fail(f"ComfyUI could not load comfy_extras/{filename}")
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+def _widget_defaults(node_class) -> dict:
+    """Every required widget input at its default (a combo at its first option)."""
+    out = {}
+    for name, conf in node_class.INPUT_TYPES()["required"].items():
+        options = conf[0] if isinstance(conf[0], list) else (conf[1].get("options") if conf[0] == "COMBO" else None)
+        if options:
+            out[name] = (conf[1] or {}).get("default", options[0]) if len(conf) > 1 else options[0]
+        elif len(conf) > 1 and isinstance(conf[1], dict) and "default" in conf[1]:
+            out[name] = conf[1]["default"]
+    return out
+
+
+def _core_training_prompt(registry, steps: int, learning_rate: float, existing: str = "[None]") -> tuple[dict, str]:
+    train = {**_widget_defaults(registry["TrainLoraNode"]), "algorithm": "WaveFT", "steps": steps, "rank": 2,
+             "learning_rate": learning_rate, "training_dtype": "fp32", "lora_dtype": "bf16",
+             "gradient_checkpointing": False, "existing_lora": existing, "seed": 3}  # fmt: skip
+    save_id = "SaveLoRA" if "SaveLoRA" in registry else "SaveLoRANode"
+    outputs = list(registry["TrainLoraNode"].RETURN_TYPES)  # 0.3.6x also returns the MODEL first
+    lora_out, steps_out = outputs.index("LORA_MODEL"), len(outputs) - 1 - outputs[::-1].index("INT")
+    prompt = {
+        "1": {"class_type": "WaveFTTestTinyModels", "inputs": {"seed": 0}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of zjw dog"}},
+        "4": {"class_type": "TrainLoraNode", "inputs": {**train, "model": ["1", 0], "latents": ["2", 0], "positive": ["3", 0]}},
+        "5": {"class_type": save_id, "inputs": {"lora": ["4", lora_out], "prefix": "loras/waveft_core", "steps": ["4", steps_out]}},
+    }
+    return prompt, save_id
+
+
+def _saved_core_file(host, steps: int):
+    found = sorted((host["work"] / "output" / "loras").glob(f"waveft_core_{steps}_steps_*.safetensors"))
+    assert found, "SaveLoRA wrote no file"
+    return found[-1]
+
+
+def test_core_train_lora_node_trains_waveft_and_the_file_loads_back(host, base):
+    """WaveFT as an algorithm of ComfyUI's own Train LoRA node: it trains, SaveLoRA writes a file that the stock
+    LoRA loader and the WaveFT loader apply identically, and ``existing_lora`` continues it."""
+    import shutil
+
+    import comfy.sd
+    from comfy_host import run_prompt
+    from safetensors.torch import load_file
+
+    from waveft_core import SUFFIXES, layer_from_tensors
+
+    registry = _load_extra_nodes(host, "nodes_train.py")
+    pack = boot()["pack"]
+    import importlib
+
+    importlib.import_module(f"{pack.__name__}.nodes.comfy_patching").setup()
+    options = registry["TrainLoraNode"].INPUT_TYPES()["required"]["algorithm"]
+    assert "WaveFT" in (options[0] if isinstance(options[0], list) else options[1]["options"])
+
+    prompt, _ = _core_training_prompt(registry, steps=3, learning_rate=1e-2)
+    executor, _ = run_prompt(prompt)
+    assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+    saved = load_file(str(_saved_core_file(host, 3)))
+    prefixes = sorted({k.rpartition(".")[0] for k in saved if k.endswith(".waveft_coef")})
+    conv = "diffusion_model.input_blocks.1.0.in_layers.2"
+    assert f"diffusion_model.{Q4}" in prefixes and conv in prefixes  # Linears and convolutions
+    assert saved[f"diffusion_model.{Q4}.waveft_coef"].dtype == torch.bfloat16  # the trainer's LoRA dtype
+    layers = {p: layer_from_tensors(p, {s: saved[f"{p}.{s}"] for s in SUFFIXES if f"{p}.{s}" in saved}) for p in prefixes}
+    assert sum(bool(layer.coef.abs().sum() > 0) for layer in layers.values()) > len(layers) // 2, "it must train"
+    assert layers[conv].shape == (base.model.state_dict()[f"{conv}.weight"].shape[0], base.model.state_dict()[f"{conv}.weight"][0].numel())
+
+    stock, _ = comfy.sd.load_lora_for_models(base, None, saved, 1.0, 0.0)
+    # the loaders list it once moved into models/loras; the trainer reads the step count from its name
+    path = host["work"] / "models" / "loras" / _saved_core_file(host, 3).name
+    shutil.copy(_saved_core_file(host, 3), path)
+    (ours,) = host["nodes"].NODE_CLASS_MAPPINGS["WaveFTLoaderModelOnly"].execute(base, path.name, 1.0).args
+    keys = [f"diffusion_model.{Q4}.weight", f"{conv}.weight"]
+    stock_w, ours_w = _patched_weights(stock, keys), _patched_weights(ours, keys)
+    sd = base.model.state_dict()
+    for key in keys:
+        assert torch.equal(stock_w[key], ours_w[key]), key
+        layer = layers[key[: -len(".weight")]]
+        expected = sd[key].clone()
+        layer.add_to_(expected.view(layer.shape), 1.0)
+        assert torch.equal(stock_w[key], expected), key
+
+    resumed, _ = _core_training_prompt(registry, steps=2, learning_rate=1e-7, existing=path.name)
+    executor, _ = run_prompt(resumed)
+    assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+    continued = load_file(str(_saved_core_file(host, 5)))  # 3 earlier + 2 new steps
+    for prefix in prefixes:  # at a learning rate of 1e-7 the run continues where the file left off
+        before, after = saved[f"{prefix}.waveft_coef"].float(), continued[f"{prefix}.waveft_coef"].float()
+        assert torch.allclose(after, before, atol=1e-5), prefix
+    assert sum(bool(saved[f"{p}.waveft_coef"].abs().max() > 1e-4) for p in prefixes) > len(prefixes) // 2
+
+
+def _patched_weights(model, keys) -> dict[str, torch.Tensor]:
+    import comfy.model_management as mm
+
+    with torch.inference_mode():
+        mm.load_models_gpu([model])
+        weights = {key: model.model.state_dict()[key].detach().clone() for key in keys}
+        mm.unload_all_models()
+    return weights

@@ -115,7 +115,7 @@ def test_adapter_is_rebuilt_from_loaded_keys_and_weights_alone(adapter_class):
         weight = torch.randn(24, 20)
         expected = adapter.calculate_weight(weight.clone(), "k", 0.8, 1.0, None, None)
         assert torch.equal(rebuilt.calculate_weight(weight, "k", 0.8, 1.0, None, None), expected)
-        assert rebuilt.calculate_shape("k") == (24, 20) and rebuilt.loaded_keys is adapter.loaded_keys
+        assert rebuilt.calculate_shape("k") is None and rebuilt.loaded_keys is adapter.loaded_keys  # shape unchanged
 
 
 def test_adapter_survives_bypass_casting_its_tensors(adapter_class):
@@ -330,3 +330,87 @@ def test_text_encoders_are_named_as_kohya_does():
     import re
 
     assert re.search(patches.part_pattern("attn1", r"q_proj$"), name)
+
+
+class FakeTrainBase(torch.nn.Module):
+    """Stands in for ``comfy.weight_adapter.WeightAdapterTrainBase`` (an ``nn.Module`` with bypass attributes)."""
+
+    multiplier = 1.0
+
+
+@pytest.fixture
+def train_class():
+    return _glue("weight_adapter").make_adapter_class(FakeBase, FakeTrainBase)
+
+
+def test_core_trainer_layer_starts_as_a_no_op_with_loras_parameter_count(train_class):
+    weight = torch.randn(48, 40)
+    module = train_class.create_train(weight, rank=3, alpha=7.0)
+    assert isinstance(module, FakeTrainBase) and module.waveft_coef.numel() == 3 * (48 + 40)
+    assert torch.equal(module(weight), weight)
+    names = {name for name, _ in module.named_parameters()}
+    assert names == {"waveft_coef", "waveft_shape", "waveft_scale", "waveft_wavelet", "waveft_seed"}
+    assert [name for name, p in module.named_parameters() if p.requires_grad] == ["waveft_coef"]
+
+
+def test_core_trainer_layer_gradients_and_bypass_agree_with_the_layer(train_class):
+    weight = torch.randn(48, 40)
+    module = train_class.create_train(weight, rank=2)
+    with torch.no_grad():
+        module.waveft_coef.normal_()
+    layer = module.spec.with_coef(module.waveft_coef.detach())
+    assert torch.allclose(module(weight), weight + layer.delta_weight(), atol=1e-5)
+    x, g = torch.randn(5, 40), torch.randn(5, 48)
+    (torch.nn.functional.linear(x, module(weight)) * g).sum().backward()
+    weight_mode = module.waveft_coef.grad.clone()
+    module.waveft_coef.grad = None
+    module.multiplier = 1.0
+    (module.h(x, None) * g).sum().backward()
+    assert torch.allclose(module.waveft_coef.grad, weight_mode, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(module.h(x, None), x @ layer.delta_weight().T, atol=1e-4)
+
+
+def test_core_trainer_layer_on_a_convolution(train_class):
+    conv = torch.nn.Conv2d(6, 8, 3, padding=1)
+    module = train_class.create_train(conv.weight, rank=1)
+    with torch.no_grad():
+        module.waveft_coef.normal_()
+    assert module.spec.shape == (8, 54)
+    patched = module(conv.weight)
+    delta = module.spec.with_coef(module.waveft_coef.detach()).delta_weight()
+    assert patched.shape == conv.weight.shape and torch.allclose(patched, conv.weight + delta.view(8, 6, 3, 3), atol=1e-5)
+    module.is_conv, module.conv_dim, module.out_channels, module.in_channels = True, 2, 8, 6
+    module.kernel_size, module.kw_dict, module.multiplier = (3, 3), {"padding": (1, 1)}, 0.5
+    x = torch.randn(2, 6, 5, 5)
+    expected = torch.nn.functional.conv2d(x, 0.5 * delta.view(8, 6, 3, 3), padding=1)
+    assert torch.allclose(module.h(x, None), expected, atol=1e-5)
+
+
+def test_core_trainer_file_round_trip_through_bf16(train_class):
+    """The trainer saves every parameter in its LoRA dtype: the stock loader must read the layer back."""
+    module = train_class.create_train(torch.randn(64, 32), rank=1)
+    with torch.no_grad():
+        module.waveft_coef.normal_()
+    saved = {f"lora_unet_x.{name}": p.detach().to(torch.bfloat16) for name, p in module.named_parameters()}
+    adapter = train_class.load("lora_unet_x", saved, None, None)
+    assert adapter is not None and adapter.layer.shape == (64, 32) and adapter.layer.seed == module.spec.seed
+    expected = module.spec.with_coef(module.waveft_coef.detach().to(torch.bfloat16).float()).delta_weight()
+    assert torch.allclose(adapter.layer.delta_weight(), expected, atol=1e-6)
+    resumed = adapter.to_train()
+    assert isinstance(resumed, FakeTrainBase) and torch.equal(resumed.waveft_coef, adapter.layer.coef)
+
+
+def test_float_stored_integers_that_are_not_exact_are_refused():
+    tensors = {k.rpartition(".")[2]: v for k, v in _layer().tensors("x").items()}
+    tensors["waveft_shape"] = torch.tensor([24.5, 20.0])
+    with pytest.raises(ValueError, match=r"x\.waveft_shape: stored as torch.float32 but not exact integers"):
+        importlib.import_module(f"{load_pack().__name__}.waveft_core").layer_from_tensors("x", tensors)
+
+
+def test_register_offers_waveft_to_the_core_trainer(train_class):
+    weight_adapter = _glue("weight_adapter")
+    adapters: list[type] = []
+    algorithms = {"LoRA": FakeBase}
+    registered = weight_adapter.register(adapters, FakeBase, FakeTrainBase, algorithms)
+    assert list(algorithms) == ["LoRA", "WaveFT"] and algorithms["WaveFT"] is registered
+    assert weight_adapter.register(adapters, FakeBase, None, {}) is adapters[0] and len(adapters) == 1

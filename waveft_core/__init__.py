@@ -2,7 +2,8 @@
 
 Public API (everything the hosts' glue and the trainer may call):
 
-* maths: :func:`sample_positions`, :func:`delta_weight`, :func:`add_delta_`, :func:`supported_wavelets`;
+* maths: :func:`sample_positions`, :func:`delta_weight`, :func:`add_delta_`, :func:`with_delta`,
+  :func:`supported_wavelets`;
 * modules: :class:`WaveFTLinear`, :func:`attach_waveft`, :func:`detach_waveft`, :func:`export_layers`;
 * settings: :class:`WaveFTConfig`, :func:`proportional_budgets`;
 * files: :class:`LayerAdapter`, :class:`AdapterFile`, :func:`save_adapter`, :func:`load_adapter`,
@@ -25,7 +26,7 @@ from .adapter_file import (
     save_tensors_atomic,
 )
 from .config import SDXL_ATTENTION_PATTERN, WaveFTConfig, proportional_budgets
-from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight, patch_layout
+from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight, patch_layout, with_delta
 from .layer import WaveFTLinear, waveft_delta, waveft_linear
 from .model import attach_waveft, detach_waveft, export_layers, set_strength, waveft_layers
 from .positions import DEFAULT_SEED, sample_positions
@@ -52,6 +53,7 @@ __all__ = [
     "add_delta_",
     "delta_weight",
     "patch_layout",
+    "with_delta",
     "WaveFTLinear",
     "waveft_delta",
     "waveft_linear",

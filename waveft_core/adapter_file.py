@@ -164,6 +164,7 @@ def layer_from_tensors(prefix: str, tensors: Mapping[str, torch.Tensor]) -> Laye
             raise AdapterFileError(f"{prefix}.{suffix}: missing")
     if ("waveft_seed" in tensors) == ("waveft_pos" in tensors):
         raise AdapterFileError(f"{prefix}: needs exactly one of waveft_seed and waveft_pos")
+    tensors = _from_trainer_dtypes(prefix, tensors)
     _check_dtypes(prefix, tensors)
     shape = _read_shape(prefix, tensors["waveft_shape"])
     coef = tensors["waveft_coef"]
@@ -189,6 +190,30 @@ def layer_from_tensors(prefix: str, tensors: Mapping[str, torch.Tensor]) -> Laye
     if seed < 0:
         raise AdapterFileError(f"{prefix}.waveft_seed: negative seed {seed}")
     return LayerAdapter(coef.float(), shape, scaling, wavelet, seed=seed)
+
+
+# ComfyUI's core trainer keeps a train module's parameters only and saves every one in its LoRA dtype (bf16
+# or fp32), integers included; such a layer is read back when each integer survived exactly.
+_INTEGER_SUFFIXES = {"waveft_shape": torch.int64, "waveft_seed": torch.int64, "waveft_wavelet": torch.uint8}
+
+
+def _from_trainer_dtypes(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layer's tensors in the format's dtypes: half-precision floats widened to float32, integers stored as
+    floats turned back into integers when every value is an exact integer in range; anything else unchanged
+    (and refused by :func:`_check_dtypes`, naming the key)."""
+    out = dict(tensors)
+    for suffix, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.dtype == torch.float32 and suffix not in _INTEGER_SUFFIXES:
+            continue
+        if suffix in ("waveft_coef", "waveft_scale") and tensor.dtype in (torch.float16, torch.bfloat16):
+            out[suffix] = tensor.to(torch.float32)
+        elif suffix in _INTEGER_SUFFIXES:
+            wide = tensor.to(torch.float64)
+            limit = 255 if suffix == "waveft_wavelet" else 2**53
+            if not (torch.isfinite(wide).all() and (wide == wide.round()).all() and (wide.abs() <= limit).all()):
+                raise AdapterFileError(f"{prefix}.{suffix}: stored as {tensor.dtype} but not exact integers")
+            out[suffix] = wide.to(_INTEGER_SUFFIXES[suffix])
+    return out
 
 
 def _check_dtypes(prefix: str, tensors: Mapping[str, torch.Tensor]) -> None:

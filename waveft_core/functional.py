@@ -173,6 +173,17 @@ def add_delta_(
     return weight
 
 
+def with_delta(weight: torch.Tensor, coef: torch.Tensor, index: PatchIndex, scaling: float = DEFAULT_SCALING) -> torch.Tensor:
+    """``W + s * IDWT2(C)`` as a new float32 tensor, differentiable in ``coef`` (and ``W``): autograd's
+    out-of-place ``index_add`` of the ``p L^2`` taps, the weight-side form a host's training wrapper needs.
+
+    ``weight`` is 2-D ``(out, in)`` and ``index`` its :func:`patch_index`.
+    """
+    values = index.taps * (coef.to(torch.float32) * float(scaling))[:, None, None]
+    flat = weight.to(torch.float32).reshape(-1).index_add(0, index.flat.reshape(-1), values.reshape(-1))
+    return flat.view(weight.shape)
+
+
 DENSE_MIN_TAPS = 1 << 16
 
 
