@@ -280,3 +280,89 @@ def _patched_weights(model, keys) -> dict[str, torch.Tensor]:
         weights = {key: model.model.state_dict()[key].detach().clone() for key in keys}
         mm.unload_all_models()
     return weights
+
+
+def test_hook_lora_with_keyframes_patches_each_step_at_the_keyframes_strength(host, base):
+    """ComfyUI's hooks (CreateHookLora + keyframes) load WaveFT layers through ``load_lora`` and re-patch the
+    weights per step: every step's weight must be ``W0 + s dW`` with ``s`` the keyframe's strength."""
+    import comfy.hooks
+    import comfy.sample
+
+    if not hasattr(comfy.hooks, "create_hook_lora"):
+        pytest.skip("this ComfyUI has no hooks")
+    tensors, layers = _file_tensors(base, seed=8)
+    hooks = comfy.hooks.create_hook_lora(tensors, strength_model=1.0, strength_clip=0.0)
+    keyframes = comfy.hooks.HookKeyframeGroup()
+    keyframes.add(comfy.hooks.HookKeyframe(strength=0.0, start_percent=0.0))
+    keyframes.add(comfy.hooks.HookKeyframe(strength=1.0, start_percent=0.5))
+    hooks.set_keyframes_on_hooks(keyframes)
+
+    model = base.clone()
+    key = _key(Q4)
+    seen: list[torch.Tensor] = []
+
+    def record(apply_model, args):
+        seen.append(model.model.state_dict()[key].detach().clone())
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(record)
+    g = torch.Generator().manual_seed(0)
+    positive = comfy.hooks.set_hooks_for_conditioning(
+        [[torch.randn(1, 8, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]], hooks)
+    negative = [[torch.zeros(1, 8, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
+    latent = torch.zeros(1, 4, 4, 4)
+    comfy.sample.sample(model, torch.randn(1, 4, 4, 4, generator=g), 6, 1.0, "euler", "normal", positive, negative,
+                        latent, disable_pbar=True, seed=1)
+    w0, delta = base.model.state_dict()[key], layers[Q4].delta_weight()
+    strengths = []
+    for weight in seen:
+        s = float(((weight - w0) * delta).sum() / (delta * delta).sum())
+        assert torch.allclose(weight, w0 + s * delta, atol=1e-5)
+        strengths.append(round(s, 4))
+    assert strengths == sorted(strengths) and set(strengths) == {0.0, 1.0}, strengths
+
+
+def test_lora_save_extracts_a_plain_lora_from_a_waveft_model(host, base, capsys):
+    """ComfyUI's Extract and Save Lora on ``ModelMergeSubtract(WaveFT model, base)``: it receives exactly the
+    WaveFT update (its full-diff output equals ``dW``), and a plain LoRA comes out whose error against that
+    update is printed. (ComfyUI's extraction clamps the singular vectors' entries at their 99th percentile,
+    which loses much of a sparse, high-rank WaveFT update even at full rank: the figures say how much.)"""
+    import comfy.sd
+    from comfy_host import run_prompt
+    from safetensors.torch import load_file, save_file
+
+    assert "LoraSave" in _load_extra_nodes(host, "nodes_lora_extract.py")
+    _load_extra_nodes(host, "nodes_model_merging.py")
+    tensors, layers = _file_tensors(base, seed=9)
+    save_file(tensors, str(host["work"] / "models" / "loras" / "extract_me.safetensors"))
+
+    def extract(kind: str, rank: int) -> dict[str, torch.Tensor]:
+        prefix = f"loras/extracted_{kind}_r{rank}"
+        prompt = {
+            "1": {"class_type": "WaveFTTestTinyModels", "inputs": {"seed": 0}},
+            "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "extract_me.safetensors", "strength_model": 1.0}},
+            "3": {"class_type": "ModelMergeSubtract", "inputs": {"model1": ["2", 0], "model2": ["1", 0], "multiplier": 1.0}},
+            "4": {"class_type": "LoraSave", "inputs": {"filename_prefix": prefix, "rank": rank, "lora_type": kind,
+                                                       "bias_diff": False, "model_diff": ["3", 0]}},
+        }
+        executor, _ = run_prompt(prompt)
+        assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+        (path,) = (host["work"] / "output").glob(f"{prefix}_*.safetensors")
+        return load_file(str(path))
+
+    full = extract("full_diff", 1)
+    for name, layer in layers.items():
+        torch.testing.assert_close(full[f"diffusion_model.{name}.diff"].float(), layer.delta_weight(), rtol=1e-3, atol=1e-3)
+    errors = {}
+    for rank in (4, 64):
+        extracted = extract("standard", rank)
+        assert f"diffusion_model.{Q4}.lora_up.weight" in extracted and not any(".waveft_" in k for k in extracted)
+        as_lora, _ = comfy.sd.load_lora_for_models(base, None, extracted, 1.0, 0.0)
+        weights = _patched_weights(as_lora, [_key(name) for name in layers])
+        for name, layer in layers.items():
+            delta = layer.delta_weight()
+            got = weights[_key(name)] - base.model.state_dict()[_key(name)]
+            errors[f"r{rank} {name.split('.')[0]} {tuple(delta.shape)}"] = round(float((got - delta).norm() / delta.norm()), 3)
+    with capsys.disabled():
+        print("\nLoraSave of a WaveFT model, relative error of the extracted LoRA's update:", errors)
+    assert all(error <= 1.01 for error in errors.values()), errors
