@@ -20,7 +20,7 @@ STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}  # as the
 def _file_input() -> io.Combo.Input:
     return io.Combo.Input(
         "adapter_name",
-        options=paths.adapter_files(folder_paths),
+        options=paths.adapter_files(folder_paths) or [paths.NO_ADAPTERS],  # the page shows "undefined" for []
         tooltip="A WaveFT adapter from models/waveft or models/loras (v1 file, or a PEFT adapter_model.safetensors).",
     )
 
@@ -64,7 +64,8 @@ class WaveFTLoaderModelOnly(io.ComfyNode):
             display_name="Load WaveFT Adapter (Model Only)",
             category=CATEGORY,
             description="Patch only the diffusion model with a WaveFT adapter.",
-            inputs=[io.Model.Input("model"), _file_input(), _strength("strength_model", "diffusion model")],
+            inputs=[io.Model.Input("model", tooltip="The diffusion model the adapter is applied to."), _file_input(),
+                    _strength("strength_model", "diffusion model")],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
 
@@ -84,7 +85,7 @@ class WaveFTApply(io.ComfyNode):
             category=CATEGORY,
             description="Patch a model with a WAVEFT adapter from another node, at any strength.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The diffusion model the adapter is applied to."),
                 WaveFT.Input("waveft", tooltip="The adapter, e.g. the waveft output of WaveFT Train."),
                 _strength("strength_model", "diffusion model"),
                 _strength("strength_clip", "text encoders"),

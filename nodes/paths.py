@@ -15,6 +15,7 @@ LORA_FOLDER = "loras"
 SAVE_FOLDERS = (FOLDER, LORA_FOLDER)
 EXTENSIONS = {".safetensors", ".sft"}  # adapters are read as safetensors only: nothing is ever unpickled
 _UNSAFE = re.compile(r"[^A-Za-z0-9._ -]+")
+CHECKPOINTS = "checkpoints"  # models/waveft/checkpoints: training runs' latest adapters and resume states
 
 
 def register_folder(folder_paths: ModuleType) -> list[str]:
@@ -37,15 +38,23 @@ def _adapter_like(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in EXTENSIONS
 
 
+NO_ADAPTERS = "(no adapters yet: put .safetensors files into models/loras or models/waveft, then press R)"
+
+
 def adapter_files(folder_paths: ModuleType) -> list[str]:
-    """Selectable adapters: every file of ``models/waveft``, then the safetensors of ``models/loras``."""
+    """Selectable adapters: the files of ``models/waveft``, the safetensors of ``models/loras``, and last the
+    training checkpoints (``models/waveft/checkpoints``), so a new loader node never picks one by default."""
     own = [n for n in folder_paths.get_filename_list(FOLDER) if _adapter_like(n)]
     seen = set(own)
-    return own + [n for n in folder_paths.get_filename_list(LORA_FOLDER) if _adapter_like(n) and n not in seen]
+    listed = own + [n for n in folder_paths.get_filename_list(LORA_FOLDER) if _adapter_like(n) and n not in seen]
+    in_checkpoints = [n for n in listed if n.replace("\\", "/").startswith(f"{CHECKPOINTS}/")]
+    return [n for n in listed if n not in in_checkpoints] + in_checkpoints
 
 
 def resolve(folder_paths: ModuleType, name: str) -> str:
     """Full path of a listed adapter (``waveft`` folders first, then ``loras``)."""
+    if name == NO_ADAPTERS:
+        raise FileNotFoundError(f"No WaveFT adapter selected: {NO_ADAPTERS[1:-1]}")
     for folder in (FOLDER, LORA_FOLDER):
         path = folder_paths.get_full_path(folder, name)
         if path is not None:
@@ -62,9 +71,6 @@ def safe_stem(name: str) -> str:
         if stem.lower().endswith(extension):
             stem = stem[: -len(extension)] or "waveft"
     return stem
-
-
-CHECKPOINTS = "checkpoints"
 
 
 def checkpoint_path(folder_paths: ModuleType, name: str, key: str) -> Path:

@@ -140,14 +140,21 @@ class WaveFTTrain(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="Encodes the instance prompt once, before training."),
                 io.Vae.Input("vae", tooltip="Encodes the images once, before training."),
                 io.Image.Input("images", tooltip="One or more images (a batch or a list; any sizes)."),
-                io.String.Input("instance_prompt", default="a photo of zjw dog", multiline=True),
+                io.String.Input("instance_prompt", default="a photo of zjw dog", multiline=True,
+                                tooltip="The caption of every image: a rare word for your subject plus its class (use the same words when generating)."),
                 io.Int.Input("budget", default=2592, min=1, max=1 << 24, tooltip="Trainable coefficients per layer (2592 = LoRA rank 1's size on SDXL)."),
-                io.Combo.Input("wavelet", options=list(supported_wavelets()), default="db1"),
-                io.Float.Input("scaling", default=25.0, min=0.01, max=1000.0, step=0.01),
-                io.Int.Input("steps", default=500, min=1, max=100000),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False),
-                io.Int.Input("batch_size", default=1, min=1, max=64),
-                io.Int.Input("grad_accumulation", default=1, min=1, max=256),
+                io.Combo.Input("wavelet", options=list(supported_wavelets()), default="db1",
+                               tooltip="Wavelet of the inverse transform that turns coefficients into the weight update (db1 = Haar, the paper's choice)."),
+                io.Float.Input("scaling", default=25.0, min=0.01, max=1000.0, step=0.01,
+                               tooltip="Multiplies the update: dW = scaling * IDWT2(C). The paper uses 25 with learning rate 1e-4."),
+                io.Int.Input("steps", default=500, min=1, max=100000,
+                             tooltip="Optimizer steps. 500 at 1024 px is the paper's setting (hours without a GPU; try 100 at 512 px first)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False,
+                               tooltip="AdamW learning rate of the coefficients."),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="Images per step (from one aspect bucket). More needs more memory."),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=256,
+                             tooltip="Batches summed per optimizer step: a larger effective batch without more memory."),
                 io.Int.Input("resolution", default=1024, min=32, max=4096, step=8, tooltip="Images are resized and cropped to about this many pixels squared."),
                 io.Int.Input("seed", default=777, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Training randomness (noise, timesteps, order). Keep 'control after generate' on fixed (the default here): another seed is another run, so re-queueing would start over instead of continuing."),
@@ -182,7 +189,7 @@ class WaveFTTrain(io.ComfyNode):
         adapter = AdapterFile(result.layers, result.metadata)
         if watch.cancelled:  # keep the last completed step on disk, then let ComfyUI report the interrupt
             if result.steps_done:
-                path = save(adapter, paths.FOLDER, f"{opt['name']}_step{result.steps_done}")
+                path = save(adapter, paths.LORA_FOLDER, f"{opt['name']}_step{result.steps_done}")
                 show_on_node(f"Cancelled after step {result.steps_done}: saved {path}")
             raise mm.InterruptProcessingException()
         trained, trained_clip = apply_layers(model, clip, result.layers, 1.0, 1.0, opt["name"])
@@ -201,9 +208,10 @@ class WaveFTSave(io.ComfyNode):
             category=CATEGORY,
             description="Write the adapter as a .safetensors file (never overwrites: a counter is added).",
             inputs=[
-                WaveFT.Input("waveft"),
+                WaveFT.Input("waveft", tooltip="The adapter to save, e.g. WaveFT Train's WAVEFT output."),
                 io.String.Input("filename", default="waveft_subject", tooltip="File name (subfolders allowed) inside the chosen folder."),
-                io.Combo.Input("folder", options=list(paths.SAVE_FOLDERS), default=paths.FOLDER),
+                io.Combo.Input("folder", options=list(paths.SAVE_FOLDERS), default=paths.LORA_FOLDER,
+                               tooltip="models/loras (listed by the stock Load LoRA nodes and A1111 too) or models/waveft."),
             ],
             outputs=[],
             is_output_node=True,

@@ -242,10 +242,15 @@ def test_model_folder_listing_and_lookup(tmp_path):
     assert paths.register_folder(fp) == [str(tmp_path / "yaml_waveft"), str(tmp_path / "waveft")]
     assert paths.register_folder(fp) == [str(tmp_path / "yaml_waveft"), str(tmp_path / "waveft")]
     assert fp.folder_names_and_paths["waveft"][1] == {".safetensors", ".sft"} and "waveft" not in fp.filename_list_cache
-    for rel in ("waveft/a.safetensors", "waveft/sub/b.safetensors", "loras/a.safetensors", "loras/c.safetensors", "loras/d.ckpt"):
+    assert paths.adapter_files(fp) == []
+    for rel in ("waveft/a.safetensors", "waveft/checkpoints/run-1.safetensors", "waveft/sub/b.safetensors",
+                "loras/a.safetensors", "loras/c.safetensors", "loras/d.ckpt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
-    assert paths.adapter_files(fp) == ["a.safetensors", "sub/b.safetensors", "c.safetensors"]
+    # training checkpoints come last, so a new loader node never picks one by default
+    assert paths.adapter_files(fp) == ["a.safetensors", "sub/b.safetensors", "c.safetensors", "checkpoints/run-1.safetensors"]
+    with pytest.raises(FileNotFoundError, match="No WaveFT adapter selected"):
+        paths.resolve(fp, paths.NO_ADAPTERS)
     assert paths.resolve(fp, "a.safetensors") == str(tmp_path / "waveft" / "a.safetensors")
     assert paths.resolve(fp, "c.safetensors") == str(tmp_path / "loras" / "c.safetensors")
     with pytest.raises(FileNotFoundError):

@@ -111,7 +111,7 @@ def page(server):
     url, _ = server
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page = browser.new_page(viewport={"width": 2200, "height": 1500})  # fits the templates above 60% zoom, where text is drawn
         page.goto(url)
         page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager !== undefined", timeout=120_000)
         page.wait_for_timeout(1500)  # extensions (ours among them) register after the graph exists

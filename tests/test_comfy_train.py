@@ -229,7 +229,7 @@ def test_cancel_keeps_the_last_step_on_disk(host, progress_calls):
     executor, _ = run_prompt(_prompt(steps=50, name="cancelled"))
     assert not executor.success
     assert any(m[0] == "execution_interrupted" for m in executor.status_messages)
-    saved = host["work"] / "models" / "waveft" / "cancelled_step2.safetensors"
+    saved = host["work"] / "models" / "loras" / "cancelled_step2.safetensors"  # where the stock Load LoRA lists it
     assert saved.is_file() and load_adapter(saved).metadata["ss_steps"] == "2"
 
 
