@@ -393,7 +393,7 @@ def _corrupt(tensors: dict, how: str) -> tuple[dict, str]:
     elif how == "wavelet":
         tensors[f"{prefix}.waveft_wavelet"] = torch.tensor(list(b"../../etc"), dtype=torch.uint8)
     elif how == "dtype":
-        tensors[f"{prefix}.waveft_coef"] = tensors[f"{prefix}.waveft_coef"].half()
+        tensors[f"{prefix}.waveft_coef"] = tensors[f"{prefix}.waveft_coef"].to(torch.int32)  # half floats are read (core trainer files)
     else:
         tensors[f"{prefix}.alpha"] = torch.tensor(4.0)
     return tensors, prefix

@@ -11,6 +11,10 @@ Per layer, under its kohya-style prefix (``lora_unet_...``, ``lora_te1_...``, ``
 
 Applied update: ``W += strength * s * IDWT2(C)``. Files come from the internet: everything is validated, the
 header before any tensor is read, and every error names the offending key.
+
+A v1 file holds exactly these dtypes. Layers handed over as bare tensors (:func:`layer_from_tensors`, what the
+hosts' stock LoRA loaders use) may also come from ComfyUI's core trainer, which saves every tensor in its LoRA
+dtype: half-precision coefficients and scale are widened, and float-stored integers accepted when exact.
 """
 
 from __future__ import annotations
