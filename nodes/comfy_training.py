@@ -184,35 +184,6 @@ def make_denoise(
     return denoise
 
 
-def checkpointing_hook(unet: nn.Module) -> Callable[[bool], None]:
-    """``set_gradient_checkpointing(on)`` for the engine: recompute each UNet block in the backward pass."""
-    blocks = [m for part in ("input_blocks", "output_blocks") for m in getattr(unet, part, [])]
-    blocks += [unet.middle_block] if hasattr(unet, "middle_block") else []
-
-    saved: dict[nn.Module, Any] = {}
-
-    def wrap(block: nn.Module) -> None:
-        forward = block.forward
-        saved[block] = block.__dict__.get("forward")  # an instance-level forward someone else installed
-
-        def checkpointed(*args: Any, **kwargs: Any) -> Any:
-            return torch.utils.checkpoint.checkpoint(lambda a, k: forward(*a, **k), args, kwargs, use_reentrant=False)
-
-        block.forward = checkpointed
-
-    def hook(enable: bool) -> None:
-        for block in blocks:
-            if enable:
-                wrap(block)
-            elif saved.get(block) is not None:
-                block.forward = saved.pop(block)
-            else:
-                saved.pop(block, None)
-                block.__dict__.pop("forward", None)
-
-    return hook
-
-
 BASE_MODEL_VERSIONS = {"SDXL": "sdxl_base_v1-0", "SDXLRefiner": "sdxl_refiner_v1-0", "SD15": "sd_v1", "SD20": "sd_v2"}
 
 

@@ -18,6 +18,7 @@ from ..trainer import (
     TrainingData,
     TrainResult,
     TrainSettings,
+    block_checkpointing,
     plot_losses,
     run_key,
     saved_steps,
@@ -30,7 +31,6 @@ from .comfy_patching import apply_layers
 from .comfy_training import (
     Watch,
     base_model_version,
-    checkpointing_hook,
     encode_dataset,
     in_loop_conditioning,
     make_denoise,
@@ -96,7 +96,7 @@ def train(model, clip, data: TrainingData, settings: TrainSettings, opt: dict, w
             name_to_prefix=part_prefix, output_path=checkpoint, resume=resume,
             progress=watch.progress, should_stop=watch.should_stop,
             metadata={"ss_base_model_version": base_model_version(model)},
-            set_gradient_checkpointing=checkpointing_hook(unet), input_dtype=dtype,
+            set_gradient_checkpointing=block_checkpointing(unet), input_dtype=dtype,
         )
 
 

@@ -39,4 +39,5 @@ def load_pack(name: str = PACK_NAME, root: Path = ROOT) -> ModuleType:
 
 load_pack()
 webui_ext = importlib.import_module(f"{PACK_NAME}.webui_ext")
+webui_ext.console_logging()
 host = webui_ext.setup()

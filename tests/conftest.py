@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -44,3 +45,13 @@ def restore_modules(saved: dict) -> None:
 @pytest.fixture
 def pack() -> ModuleType:
     return load_pack()
+
+
+@pytest.fixture(autouse=True)
+def _waveft_logger_restored():
+    """The A1111 shim gives the ``WaveFT`` logger a console handler of its own (and stops propagation): undo it
+    after each test, so later tests see their output and caplog sees the records."""
+    logger = logging.getLogger("WaveFT")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved

@@ -230,3 +230,34 @@ def test_grad_scaler_on_torch_without_torch_amp_gradscaler(monkeypatch):
     monkeypatch.delattr(torch.amp, "GradScaler", raising=False)  # absent on a real torch 2.1
     scaler = _grad_scaler(torch.device("cpu"), enabled=True)
     assert not scaler.is_enabled()
+
+
+def test_block_checkpointing_recomputes_ldm_blocks_with_the_same_gradients():
+    """The ldm/sgm UNet layout both hosts run: blocks recomputed in backward, same gradients, undone exactly."""
+    from trainer import block_checkpointing
+
+    torch.manual_seed(0)
+    unet = torch.nn.Module()
+    unet.input_blocks = torch.nn.ModuleList([torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)])
+    unet.middle_block = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh())
+    unet.output_blocks = torch.nn.ModuleList([torch.nn.Linear(6, 6)])
+    calls = []
+    unet.middle_block[1].register_forward_pre_hook(lambda *_: calls.append(1))  # inside the block: runs on recompute
+
+    def loss() -> torch.Tensor:
+        h = torch.ones(2, 6)
+        for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+            h = block(h)
+        return h.square().sum()
+
+    loss().backward()
+    plain = [p.grad.clone() for p in unet.parameters()]
+    unet.zero_grad()
+    calls.clear()
+    hook = block_checkpointing(unet)
+    hook(True)
+    loss().backward()
+    assert calls == [1, 1], "the middle block must run again in the backward pass"
+    assert all(torch.allclose(p.grad, g) for p, g in zip(unet.parameters(), plain, strict=True))
+    hook(False)
+    assert all("forward" not in block.__dict__ for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks])

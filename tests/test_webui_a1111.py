@@ -448,7 +448,7 @@ def test_the_shim_sets_everything_up_like_a1111_loads_it(a1111):
     shim_path = Path(__file__).resolve().parent.parent / "scripts" / "waveft_a1111.py"
     spec = importlib.util.spec_from_file_location("waveft_a1111.py", shim_path)
     shim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(shim)
+    spec.loader.exec_module(shim)  # (its console handler on the WaveFT logger is undone by conftest)
     assert shim.host.kind == "a1111" and "waveft_a1111.py" not in sys.modules
     assert sum(type(t).__name__ == "ModuleTypeWaveFT" for t in a1111.networks.module_types) == 1
     assert sorted(registered) == sorted(events)

@@ -330,3 +330,19 @@ def test_shim_loads_the_pack_under_its_unique_name_without_collisions(monkeypatc
     finally:
         for name in [n for n in sys.modules if n.startswith("waveft_sdxl_ext")]:
             del sys.modules[name]
+
+
+def test_console_logging_shows_each_line_once_with_one_prefix(capsys):
+    """A1111 without --loglevel set up no handler (INFO lines vanished); with it, its format added the logger
+    name to our '[WaveFT]' prefix. Our own handler prints each line once, as written."""
+    logger = logging.getLogger("WaveFT")  # conftest gives every test a fresh one
+    root_handler = logging.StreamHandler(sys.stdout)
+    root_handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))  # A1111's --loglevel format
+    logging.getLogger().addHandler(root_handler)
+    try:
+        webui_ext.console_logging()
+        webui_ext.console_logging()  # "Reload UI" runs the shim again
+        logger.info("[WaveFT] A1111: WaveFT files load through <lora:...> and <waveft:...>")
+    finally:
+        logging.getLogger().removeHandler(root_handler)
+    assert capsys.readouterr().out == "[WaveFT] A1111: WaveFT files load through <lora:...> and <waveft:...>\n"

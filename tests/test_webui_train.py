@@ -351,16 +351,47 @@ def test_train_clicked_streams_status_then_a_summary_and_loss_plot(tmp_path, mon
     assert plot.shape[2] == 3 and plot.dtype.name == "uint8"
 
 
+def test_a_second_page_follows_the_running_job_from_its_first_step(tmp_path, monkeypatch):
+    """What a reloaded or second page shows: the running job's status from step 1 on, then its summary."""
+    monkeypatch.setattr(train_tab, "POLL_SECONDS", 0.01)
+    env = pieces(tmp_path)
+    paths = write_images(tmp_path / "a", [(64, 64)])
+    statuses: list[str] = []
+    original = env.host.state
+
+    class Watched(type(original)):  # records every status the job writes
+        def __setattr__(self, name, value):
+            if name == "textinfo" and value:
+                statuses.append(value)
+            super().__setattr__(name, value)
+
+    env.host.state.__class__ = Watched
+    first = train_tab.train_clicked(request(paths), lambda: env.host, threading.Lock(), env.host.state)
+    assert next(first)[0].startswith("WaveFT: starting")
+    following = list(train_tab.status_clicked(env.host.state))  # a second page, while the run goes on
+    rest = list(first)
+    assert following[-1][0] == rest[-1][0] and following[-1][0].startswith("Trained 3 steps")
+    assert any(s.startswith("WaveFT training: step 1/3 running") for s in statuses)
+    assert statuses.index(next(s for s in statuses if "step 1/3 running" in s)) < statuses.index(
+        next(s for s in statuses if s.startswith("WaveFT training: step 1/3, loss")))
+
+
+def test_status_before_any_run():
+    train_tab.TrainingJob.current = None
+    assert list(train_tab.status_clicked(object())) == [("No WaveFT training has run since the WebUI started.", None)]
+
+
 def test_tab_builds_with_the_installed_gradio():
     """The tab's layout and events with real gradio (A1111 1.10 ships 3.41, Forge 4.x): labels, one Train event
-    with the twelve inputs the handler takes, and the Interrupt event."""
+    with the thirteen inputs the handler takes, Interrupt, and Show status (a button and on page load)."""
     gr = pytest.importorskip("gradio", reason="gradio is not installed (A1111 1.10 ships 3.41, Forge 4.x)")
     [(blocks, title, elem_id)] = train_tab.create_tab()
     assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("WaveFT Train", "waveft_train")
     config = blocks.get_config_file()
     labels = {c.get("props", {}).get("label") for c in config["components"]}
     assert {"Training images", "Instance prompt", "Budget p per layer", "Wavelet", "Status", "Loss"} <= labels
-    events = sorted(config["dependencies"], key=lambda d: -len(d["inputs"]))
-    assert [(len(d["inputs"]), len(d["outputs"])) for d in events] == [(12, 2), (0, 0)]
+    assert "Gradient checkpointing (less memory, ~30% slower)" in labels
+    events = sorted((len(d["inputs"]), len(d["outputs"])) for d in config["dependencies"])
+    assert events == [(0, 0), (0, 2), (0, 2), (13, 2)]
     wavelets = next(c for c in config["components"] if c.get("props", {}).get("label") == "Wavelet")["props"]
     assert "db1" in str(wavelets["choices"]) and "coif17" in str(wavelets["choices"])

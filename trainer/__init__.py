@@ -10,10 +10,11 @@ Hosts encode images and prompts themselves, then call::
 
 Public API: :class:`TrainSettings`, :class:`TrainingData`, :func:`train_waveft`, :class:`TrainResult`,
 :class:`TrainingStopped`, :class:`NonFiniteLossError`, :func:`plot_losses`, :class:`TextProgress`,
-:func:`state_path`, :func:`saved_steps`, :func:`run_key`. ``python -m trainer demo`` runs the whole job on a tiny built-in model.
+:func:`state_path`, :func:`saved_steps`, :func:`run_key`, :func:`block_checkpointing`. ``python -m trainer demo`` runs the whole job on a tiny built-in model.
 """
 
 from .checkpoint import run_key, saved_steps, state_path
+from .checkpointing import block_checkpointing
 from .data import TrainingData
 from .engine import NonFiniteLossError, TrainingStopped, TrainResult, train_waveft
 from .plot import encode_png, plot_losses
@@ -27,6 +28,7 @@ __all__ = [
     "TrainSettings",
     "TrainingData",
     "TrainingStopped",
+    "block_checkpointing",
     "encode_png",
     "plot_losses",
     "run_key",

@@ -8,6 +8,8 @@ line, never a traceback that stops the UI.
 
 from __future__ import annotations
 
+import logging
+import sys
 from types import ModuleType
 
 from .host import Host, detect_host
@@ -60,6 +62,20 @@ def register_callbacks(host: Host) -> None:
         log.error("[WaveFT] the WaveFT Train tab is unavailable (%s: %s)", type(err).__name__, err)
         return
     script_callbacks.on_ui_tabs(train_tab.create_tab)
+
+
+def console_logging() -> None:
+    """Our lines on the WebUI's console, once each: A1111 configures no logging unless started with
+    ``--loglevel`` (INFO lines were lost), and with it prefixes the logger's name to messages that already say
+    ``[WaveFT]``. So the ``WaveFT`` logger gets a console handler of its own and does not propagate."""
+    if any(getattr(handler, "waveft_console", False) for handler in log.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.waveft_console = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def setup() -> Host:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..trainer import TrainingData, TrainResult, TrainSettings, state_path, train_waveft
+from ..trainer import TrainingData, TrainResult, TrainSettings, block_checkpointing, state_path, train_waveft
 from ..waveft_core import WaveFTConfig, names
 from .train_data import (
     EncodeImage,
@@ -50,6 +50,7 @@ class TrainRequest:
     seed: int = 777
     resolution: int = 1024
     resume: bool = False
+    gradient_checkpointing: bool = True
 
 
 @dataclass
@@ -92,6 +93,7 @@ def settings_for(request: TrainRequest, model_name: str) -> TrainSettings:
         learning_rate=float(request.learning_rate),
         seed=int(request.seed),
         resolution=int(request.resolution),
+        gradient_checkpointing=bool(request.gradient_checkpointing),
         base_model_name=model_name,
         output_name=request.name.strip(),
         save_every=SAVE_EVERY,
@@ -140,9 +142,12 @@ def run_training(request: TrainRequest, host: HostPieces) -> TrainResult:
     data = TrainingData(latents, conds, instance_prompt=request.prompt)
     host.release_networks()
     host.state.job_count = settings.steps
+    # the first step takes longest (kernels, caches, the optimizer's state): say it is running
+    host.state.textinfo = f"WaveFT training: step 1/{settings.steps} running (the status updates after each step)"
+    unet = host.sd_model.model.diffusion_model
     with torch.enable_grad():
         result = train_waveft(
-            host.sd_model.model.diffusion_model,
+            unet,
             make_denoise(host.sd_model.model),
             data,
             settings,
@@ -151,6 +156,7 @@ def run_training(request: TrainRequest, host: HostPieces) -> TrainResult:
             progress=_progress(host.state),
             should_stop=lambda: bool(host.state.interrupted),
             resume=request.resume,
+            set_gradient_checkpointing=block_checkpointing(unet),
         )
     if result.saved_path is not None:
         save_preview(images[0], result.saved_path)

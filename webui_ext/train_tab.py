@@ -26,8 +26,8 @@ class TrainingJob:
 
     current: TrainingJob | None = None
 
-    def __init__(self, work: Callable[[], TrainResult], lock: Any, state: Any) -> None:
-        self.work, self.lock, self.state = work, lock, state
+    def __init__(self, work: Callable[[], TrainResult], lock: Any, state: Any, name: str = "") -> None:
+        self.work, self.lock, self.state, self.name = work, lock, state, name
         self.done = threading.Event()
         self.result: TrainResult | None = None
         self.error: BaseException | None = None
@@ -45,10 +45,10 @@ class TrainingJob:
                 self.done.set()
 
     @classmethod
-    def start(cls, work: Callable[[], TrainResult], lock: Any, state: Any) -> TrainingJob:
+    def start(cls, work: Callable[[], TrainResult], lock: Any, state: Any, name: str = "") -> TrainingJob:
         if cls.current is not None and not cls.current.done.is_set():
-            raise RuntimeError("a WaveFT training run is already in progress")
-        cls.current = job = cls(work, lock, state)
+            raise RuntimeError("a WaveFT training run is already in progress (Show status follows it)")
+        cls.current = job = cls(work, lock, state, name)
         job.thread.start()
         return job
 
@@ -77,22 +77,41 @@ def train_clicked(
         from modules import call_queue, shared
 
         lock, state = call_queue.queue_lock, shared.state
-    job = TrainingJob.start(lambda: run_training(request, pieces()), lock, state)
+    yield "WaveFT: starting (waiting for the GPU if an image is being generated)", None
+    job = TrainingJob.start(lambda: run_training(request, pieces()), lock, state, request.name.strip())
+    yield from follow(job, state)
+
+
+def follow(job: TrainingJob, state: Any) -> Iterator[tuple[str, Any]]:
+    """Stream ``(status, loss plot)`` of ``job`` until it ends, then its summary (any page may follow it)."""
     while not job.done.wait(POLL_SECONDS):
         yield (state.textinfo or "WaveFT: waiting for the GPU (an image is being generated)"), None
     if job.error is not None:
         yield f"WaveFT training failed: {type(job.error).__name__}: {job.error}", None
         return
     plot = plot_losses(job.result.losses).numpy() if job.result.losses else None
-    yield summary(job.result, request.name.strip()), plot
+    yield summary(job.result, job.name), plot
 
 
-def _on_click(uploads, folder, name, prompt, budget, steps, lr, wavelet, scaling, seed, resolution, resume):
+def status_clicked(state: Any = None) -> Iterator[tuple[str, Any]]:
+    """The current or last run's status, followed to its end: what a reloaded or second page shows."""
+    job = TrainingJob.current
+    if job is None:
+        yield "No WaveFT training has run since the WebUI started.", None
+        return
+    if state is None:
+        from modules import shared
+
+        state = shared.state
+    yield from follow(job, state)
+
+
+def _on_click(uploads, folder, name, prompt, budget, steps, lr, wavelet, scaling, seed, resolution, resume, checkpointing):
     try:
         request = TrainRequest(
             name=name, prompt=prompt, image_paths=collect_image_paths(uploads, folder), budget=int(budget),
             steps=int(steps), learning_rate=float(lr), wavelet=wavelet, scaling=float(scaling), seed=int(seed),
-            resolution=int(resolution), resume=bool(resume),
+            resolution=int(resolution), resume=bool(resume), gradient_checkpointing=bool(checkpointing),
         )
         yield from train_clicked(request)
     except Exception as err:  # bad input or a run already going: a message in the tab, not a traceback
@@ -119,17 +138,21 @@ def create_tab() -> list[tuple[Any, str, str]]:
                     scaling = gr.Number(label="Scaling", value=25.0)
                     seed = gr.Number(label="Seed", value=777, precision=0)
                 with gr.Row():
-                    resolution = gr.Slider(label="Resolution", minimum=512, maximum=1536, step=64, value=1024)
+                    resolution = gr.Slider(label="Resolution", minimum=256, maximum=1536, step=64, value=1024)
+                    checkpointing = gr.Checkbox(label="Gradient checkpointing (less memory, ~30% slower)", value=True)
                     resume = gr.Checkbox(label="Continue a saved run of this name", value=False)
                 with gr.Row():
                     train = gr.Button("Train", variant="primary")
                     interrupt = gr.Button("Interrupt")
+                    show = gr.Button("Show status")
             with gr.Column():
                 status = gr.Textbox(label="Status", interactive=False, lines=3)
                 losses = gr.Image(label="Loss", interactive=False)
-        inputs = [uploads, folder, name, prompt, budget, steps, lr, wavelet, scaling, seed, resolution, resume]
+        inputs = [uploads, folder, name, prompt, budget, steps, lr, wavelet, scaling, seed, resolution, resume, checkpointing]
         train.click(fn=_on_click, inputs=inputs, outputs=[status, losses])
         interrupt.click(fn=_interrupt, inputs=[], outputs=[])
+        show.click(fn=status_clicked, inputs=[], outputs=[status, losses])
+        tab.load(fn=status_clicked, inputs=[], outputs=[status, losses])  # a reloaded page follows a running job
     return [(tab, "WaveFT Train", "waveft_train")]
 
 
