@@ -9,7 +9,6 @@ a file is read against the model's weights (``shape_of``) and every layer is sti
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +18,10 @@ from safetensors import safe_open
 
 from ..waveft_core import AdapterFileError, LayerAdapter, layer_from_tensors, load_adapter
 from ..waveft_core.adapter_file import read_header
+from ..waveft_core.convert import PEFT_DEFAULTS, peft_settings
 
 log = logging.getLogger("WaveFT")
 PEFT_SUFFIX = ".waveft_spectrum"
-PEFT_DEFAULTS = {"wavelet_family": "db1", "scaling": 25.0, "random_loc_seed": 777}
 ShapeOf = Callable[[str], "tuple[int, ...] | None"]
 
 
@@ -36,20 +35,13 @@ def is_peft_file(path: str | Path) -> bool:
 
 
 def peft_config(path: Path) -> dict:
-    """The WaveFT settings of a PEFT folder (``adapter_config.json`` beside the weights), checked."""
+    """The WaveFT settings of a PEFT folder (``adapter_config.json`` beside the weights), checked by the core's
+    one PEFT reader; without the file PEFT's defaults, with a warning."""
     config_path = path.parent / "adapter_config.json"
-    if not config_path.is_file():
+    if not config_path.exists():
         log.warning("[WaveFT] %s: no adapter_config.json beside it; assuming PEFT's defaults %s", path.name, PEFT_DEFAULTS)
-        return dict(PEFT_DEFAULTS)
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterFileError(f"{config_path}: unreadable ({err})") from None
-    if not isinstance(config, dict) or str(config.get("peft_type", "WAVEFT")).upper() != "WAVEFT":
-        raise AdapterFileError(f"{config_path}: not a WaveFT adapter config (peft_type {config.get('peft_type')!r})")
-    if not config.get("use_idwt", True):
-        raise AdapterFileError(f"{config_path}: use_idwt=False adapters (no wavelet transform) are not supported")
-    return {**PEFT_DEFAULTS, **{k: config[k] for k in PEFT_DEFAULTS if config.get(k) is not None}}
+    wavelet, scaling, seed = peft_settings(config_path, required=False)
+    return {"wavelet_family": wavelet, "scaling": scaling, "random_loc_seed": seed}
 
 
 def _peft_tensors(spectrum: torch.Tensor, shape: tuple[int, ...], config: dict) -> dict[str, torch.Tensor]:

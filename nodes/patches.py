@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..waveft_core import AdapterFileError, LayerAdapter
-from ..waveft_core.names import KOHYA_PREFIX, kohya_name, unet_ldm_to_diffusers
+from ..waveft_core.names import KOHYA_PREFIX, kohya_name, printable, unet_ldm_to_diffusers
 
 log = logging.getLogger("WaveFT")
 UNET_PREFIX = "diffusion_model."
@@ -75,9 +75,9 @@ class PatchPlan:
         """Log what was not applied, the way ComfyUI logs "lora key not loaded"."""
         if self.unmapped:
             log.warning("[WaveFT] %s: %d layer(s) match no weight of this model and were not applied: %s",
-                        source, len(self.unmapped), ", ".join(self.unmapped))
+                        printable(source), len(self.unmapped), printable(", ".join(self.unmapped)))
         if self.skipped:
-            log.info("[WaveFT] %s: %d text-encoder layer(s) skipped (no CLIP connected)", source, len(self.skipped))
+            log.info("[WaveFT] %s: %d text-encoder layer(s) skipped (no CLIP connected)", printable(source), len(self.skipped))
 
 
 def plan_patches(

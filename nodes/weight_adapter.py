@@ -19,10 +19,18 @@ from typing import Any
 import torch
 
 from ..waveft_core import SUFFIXES, AdapterFileError, LayerAdapter, layer_from_tensors
+from ..waveft_core.names import printable
 from .weight_adapter_train import conv_delta, make_train_class, matrix_view
 
 log = logging.getLogger("WaveFT")
 MARKER = "is_waveft_adapter"  # class attribute that identifies our adapter classes in a host's list
+# weight-adapter tensors of ComfyUI's other adapter classes (LoRA in its spellings, LoHa, LoKr, GLoRA, OFT,
+# BOFT, full diffs): one of them beside WaveFT tensors under the same layer name makes a mixed layer
+OTHER_ADAPTER_PARTS = (".lora_up.weight", ".lora_down.weight", "_lora.up.weight", ".lora.up.weight", ".lora_A.weight", ".lora_A",
+                       ".lora_A.default.weight",
+                       ".lora_B.weight", ".lora_linear_layer.up.weight", ".hada_w1_a", ".hada_w2_a", ".lokr_w1",
+                       ".lokr_w1_a", ".lokr_w2", ".lokr_w2_a", ".a1.weight", ".oft_blocks", ".oft_diag", ".boft_blocks",
+                       ".diff")
 ALGORITHM = "WaveFT"  # its name among the core trainer's algorithms (a saved workflow's value: never rename)
 
 
@@ -93,6 +101,10 @@ class WaveFTAdapterMixin:
         present = {suffix: f"{x}.{suffix}" for suffix in SUFFIXES if f"{x}.{suffix}" in lora}
         if not present:
             return None
+        others = [f"{x}{part}" for part in OTHER_ADAPTER_PARTS if f"{x}{part}" in lora]
+        if others:  # ComfyUI would apply only one of them (the last adapter class that matches)
+            raise AdapterFileError(f"{printable(x)}: holds WaveFT and other adapter tensors ({', '.join(map(printable, others))}); "
+                                   "a mixed layer is refused instead of applying half of it")
         layer = layer_from_tensors(x, {suffix: lora[key] for suffix, key in present.items()})
         loaded_keys.update(present.values())
         return cls.from_layer(layer, loaded_keys)

@@ -205,7 +205,7 @@ def test_peft_defaults_and_bad_inputs(tmp_path, caplog):
         files.read_adapter(_peft(tmp_path, {key: torch.randn(20)}), {"base_model.model.a": (4, 4)}.get)
     with pytest.raises(ValueError, match="waveft_coef"):
         files.read_adapter(_peft(tmp_path, {key: torch.arange(5)}), {"base_model.model.a": (4, 4)}.get)
-    with pytest.raises(ValueError, match="not a WaveFT adapter config"):
+    with pytest.raises(ValueError, match="peft_type is 'LORA', not WAVEFT"):
         files.read_adapter(_peft(tmp_path, {key: torch.randn(5)}, {"peft_type": "LORA"}), {"base_model.model.a": (4, 4)}.get)
     with pytest.raises(ValueError, match="none of its 1 PEFT layer"):
         files.read_adapter(_peft(tmp_path, {key: torch.randn(5)}, {}), {}.get)
@@ -419,3 +419,19 @@ def test_register_offers_waveft_to_the_core_trainer(train_class):
     registered = weight_adapter.register(adapters, FakeBase, FakeTrainBase, algorithms)
     assert list(algorithms) == ["LoRA", "WaveFT"] and algorithms["WaveFT"] is registered
     assert weight_adapter.register(adapters, FakeBase, None, {}) is adapters[0] and len(adapters) == 1
+
+
+@pytest.mark.parametrize("other", [".lora_up.weight", ".hada_w1_a", ".diff", ".lora_A.weight"])
+def test_a_layer_mixing_waveft_and_another_adapter_is_refused(adapter_class, other):
+    """ComfyUI applies one adapter class per layer (the last that matches): a mixed layer would lose a part."""
+    lora = {**_layer().tensors("lora_unet_x"), f"lora_unet_x{other}": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match=r"lora_unet_x: holds WaveFT and other adapter tensors"):
+        adapter_class.load("lora_unet_x", lora, None, None)
+
+
+def test_log_lines_escape_control_characters_in_names(caplog):
+    plan = _glue("patches").PatchPlan()
+    plan.unmapped.append("lora_unet_x\n[ComfyUI] fake line\x1b[31m")
+    with caplog.at_level(logging.WARNING):
+        plan.log_report("file\rname")
+    assert "\n" not in caplog.text.strip() and "\x1b" not in caplog.text and "\\n[ComfyUI] fake line\\x1b[31m" in caplog.text

@@ -234,3 +234,68 @@ def _real_patch_index(*args):
     from waveft_core.functional import patch_index
 
     return patch_index(*args)
+
+
+# ------------------------------------------------------------------ hostile inputs, one class per test
+
+
+@pytest.mark.parametrize("scaling,coef", [(1e38, 1.0), (25.0, 1e4), (-3e5, 0.1)])
+def test_finite_inputs_with_an_unbounded_update_are_refused(tmp_path, scaling, coef):
+    """Scale and coefficients each finite, their product not: it would write +-Inf into an fp16 model."""
+    tensors = _tensors(waveft_scale=torch.tensor(scaling), waveft_coef=torch.full((30,), coef))
+    with pytest.raises(AdapterFileError, match=r"waveft_scale: scaling x largest coefficient is .* beyond 10000"):
+        load_adapter(_write(tmp_path / "big.safetensors", tensors))
+
+
+def test_an_oversized_wavelet_name_is_refused_from_the_header(tmp_path):
+    tensors = _tensors(waveft_wavelet=torch.zeros(1 << 20, dtype=torch.uint8))
+    with pytest.raises(AdapterFileError, match="waveft_wavelet: implausible length 1048576"):
+        load_adapter(_write(tmp_path / "long.safetensors", tensors))
+    with pytest.raises(AdapterFileError, match="bytes is no wavelet name"):  # the stock loaders' path
+        layer_from_tensors(PREFIX, {k.rpartition(".")[2]: v for k, v in tensors.items()})
+
+
+def test_more_layers_than_any_model_has_are_refused_before_reading(tmp_path):
+    from waveft_core.adapter_file import MAX_LAYERS
+
+    entries = {f"lora_unet_l{i}.waveft_coef": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+               for i in range(MAX_LAYERS * 6 + 1)}
+    path = _raw_file(tmp_path / "many.safetensors", json.dumps({**entries, "__metadata__": {"waveft_version": "1"}}).encode(), b"\x00" * 4)
+    with pytest.raises(AdapterFileError, match=f"more than {MAX_LAYERS} layers"):
+        load_adapter(path)
+
+
+def test_a_deeply_nested_header_is_a_clear_error(tmp_path):
+    path = _raw_file(tmp_path / "deep.safetensors", b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(AdapterFileError, match="bad header"):
+        load_adapter(path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_special_files_are_refused_without_blocking(tmp_path, kind):
+    import os
+
+    path = tmp_path / "x.safetensors"
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it for reading would block forever
+    elif kind == "device":
+        path.symlink_to("/dev/zero")  # reading it never ends
+    else:
+        path.mkdir()
+    with pytest.raises(AdapterFileError, match="not a regular file"):
+        load_adapter(path)
+
+
+def test_small_json_reader_refuses_devices_fifos_huge_and_deep_files(tmp_path):
+    import os
+
+    from waveft_core.adapter_file import read_small_json
+
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "huge.json").write_bytes(b" " * (2 << 20))
+    (tmp_path / "deep.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    for name, message in [("zero", "not a regular file"), ("fifo", "not a regular file"),
+                          ("huge", "too large"), ("deep", "RecursionError")]:
+        with pytest.raises(AdapterFileError, match=message):
+            read_small_json(tmp_path / f"{name}.json")

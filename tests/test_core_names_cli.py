@@ -199,3 +199,22 @@ def test_convert_peft_refuses_bad_folders(tmp_path, capsys, tensors, message):
     assert main(["convert-peft", str(tmp_path / "peft"), str(tmp_path / "out.safetensors")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_escapes_names_and_reports_os_errors_without_a_traceback(tmp_path, capsys, monkeypatch):
+    def layer():
+        return LayerAdapter(torch.randn(8), (16, 12), 25.0, "db1", seed=1)
+
+    path = save_adapter(tmp_path / "odd.safetensors", {"nounderscore": layer(), "lora_unet_\x1b[31mred\nx": layer()},
+                        {"ss_base_model_version": "sdxl\x1b]0;pwned\x07"})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b" in out
+    import waveft_core.cli as cli
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "convert_peft", full_disk)
+    assert main(["convert-peft", str(tmp_path), str(tmp_path / "out.safetensors")]) == 2
+    assert "error: [Errno 28] No space left on device" in capsys.readouterr().err

@@ -451,3 +451,60 @@ def test_scaled_fp16_probe_checks_the_update_itself(monkeypatch):
 
     monkeypatch.setattr(torch.amp.GradScaler, "unscale_", broken)
     assert not probe(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("tamper", ["nan", "negative", "steps"])
+def test_a_tampered_resume_state_is_refused_and_the_good_checkpoint_kept(tmp_path, tamper):
+    """Moments are checked before they are used: a NaN or negative second moment would make the next step's
+    coefficients NaN, which the next checkpoint would then write over the last good adapter."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    def crash_after_step_3(step, total, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train(toy_settings(steps=8), output_path=out, progress=crash_after_step_3)
+    path = state_path(out)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.startswith("exp_avg_sq/"))
+    if tamper == "nan":
+        tensors[key][0] = float("nan")
+    elif tamper == "negative":
+        tensors[key][0] = -1.0
+    else:
+        info = json.loads(metadata["waveft_train_state"])
+        info["adam_steps"] = {name: -3 for name in info["adam_steps"]}
+        metadata["waveft_train_state"] = json.dumps(info)
+    save_file(tensors, str(path), metadata=metadata)
+    good = out.read_bytes()
+    with pytest.raises(ValueError, match="not finite or negative|negative or fractional step counts"):
+        train(toy_settings(steps=8), output_path=out)
+    assert out.read_bytes() == good and load_adapter(out).metadata["ss_steps"] == "3"
+
+
+def test_a_diverged_update_is_never_saved_over_the_last_good_adapter(tmp_path):
+    """An absurd learning rate: the update outgrows what a file may hold (and what an fp16 model survives);
+    the run stops with a clear error and the last good checkpoint stays."""
+    import waveft_core
+
+    out = tmp_path / "run.safetensors"
+    settings = toy_settings(steps=6, save_every=2)
+    seen = []
+
+    def blow_up(step, total, loss):  # after step 3, make the coefficients huge, as a runaway lr would
+        seen.append(step)
+        if step == 3:
+            for layer in waveft_layers(model).values():
+                with torch.no_grad():
+                    layer.coef.fill_(2 * waveft_core.MAX_UPDATE / layer.scaling)
+
+    model = ToyDenoiser()
+    with pytest.raises(NonFiniteLossError, match="training step 4: the update") as info:
+        train(settings, model=model, output_path=out, progress=blow_up)
+    assert info.value.saved_path == out and "the adapter of step 2 is kept" in str(info.value)
+    assert load_adapter(out).metadata["ss_steps"] == "2"

@@ -129,13 +129,18 @@ def read_state(path: str | os.PathLike) -> tuple[TrainState, dict[str, dict[str,
         raise ValueError(f"{path.name}: not a readable WaveFT training state ({err})") from None
     if not isinstance(info, dict) or info.get("version") != STATE_VERSION:
         raise ValueError(f"{path.name}: not a WaveFT training state of version {STATE_VERSION}")
-    state = TrainState(
-        step=int(info["step"]),
-        losses=[float(v) for v in info["losses"]],
-        fingerprint=info["fingerprint"],
-        scaler=info.get("scaler"),
-        adam_steps={str(k): float(v) for k, v in info.get("adam_steps", {}).items()},
-    )
+    try:
+        state = TrainState(
+            step=int(info["step"]),
+            losses=[float(v) for v in info["losses"]],
+            fingerprint=info["fingerprint"],
+            scaler=info.get("scaler"),
+            adam_steps={str(k): float(v) for k, v in dict(info.get("adam_steps", {})).items()},
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a tampered or truncated header
+        raise ValueError(f"{path.name}: damaged training state ({type(err).__name__}: {err})") from None
+    if state.step < 0 or any(not (v >= 1 and v == int(v)) for v in state.adam_steps.values()):
+        raise ValueError(f"{path.name}: damaged training state (negative or fractional step counts)")
     if len(state.losses) != state.step:
         raise ValueError(f"{path.name}: {len(state.losses)} losses recorded for {state.step} steps")
     return state, tensors
@@ -162,11 +167,22 @@ def restore_state(
     for name, step in state.adam_steps.items():
         coef = layers[name].coef
         avg, avg_sq = tensors["exp_avg"].get(name), tensors["exp_avg_sq"].get(name)
+        if name not in index_of_layer(layers, index):
+            raise ValueError(f"resume state: AdamW moments for {name}, which is not trained here")
         if avg is None or avg_sq is None or avg.shape != coef.shape or avg_sq.shape != coef.shape:
             raise ValueError(f"resume state: AdamW moments of {name} are missing or misshapen")
+        # a NaN or negative moment would turn the next step's coefficients into NaN, and that checkpoint
+        # would then replace the last good one
+        if not (torch.isfinite(avg).all() and torch.isfinite(avg_sq).all() and (avg_sq >= 0).all()):
+            raise ValueError(f"resume state: AdamW moments of {name} are not finite or negative (damaged file)")
         moments[index[id(coef)]] = {"step": torch.tensor(step), "exp_avg": avg, "exp_avg_sq": avg_sq}
     current = optimizer.state_dict()
     optimizer.load_state_dict({"state": moments, "param_groups": current["param_groups"]})
+
+
+def index_of_layer(layers: Mapping[str, core.WaveFTLinear], index: Mapping[int, int]) -> set[str]:
+    """The layer names whose coefficients the optimizer holds."""
+    return {name for name, layer in layers.items() if id(layer.coef) in index}
 
 
 def file_prefixes(names: Iterable[str], name_to_prefix: Callable[[str], str]) -> dict[str, str]:

@@ -52,9 +52,10 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, step: int, what: str, value: float, saved_path: Path | None = None) -> None:
         super().__init__(step, what, value)
         self.step, self.what, self.value, self.saved_path = step, what, value, saved_path
+        self.saved_step = step - 1  # the step whose adapter ``saved_path`` holds
 
     def __str__(self) -> str:
-        kept = f"; the adapter of step {self.step - 1} is kept at {self.saved_path}" if self.saved_path else ""
+        kept = f"; the adapter of step {self.saved_step} is kept at {self.saved_path}" if self.saved_path else ""
         return f"training step {self.step}: {self.what} is {self.value} (try a lower learning rate){kept}"
 
 
@@ -298,8 +299,14 @@ class _Writer:
         return layers, meta
 
     def save(self) -> Path | None:
+        """Write the adapter and resume state; a diverged update (beyond what a file may hold) is never
+        written over the last good checkpoint: it raises :class:`NonFiniteLossError` instead."""
         if self.path is None or self.run.steps_done == 0:
             return None
+        largest = max(abs(layer.scaling) * float(layer.coef.detach().abs().max()) for layer in self.run.layers.values())
+        if not largest <= core.MAX_UPDATE:  # NaN included
+            raise NonFiniteLossError(self.run.steps_done, f"the update (scaling x largest coefficient; a file holds at most "
+                                     f"{core.MAX_UPDATE:g})", largest)
         layers, meta = self.adapter()
         core.save_adapter(self.path, layers, meta)
         ckpt.save_state(ckpt.state_path(self.path), self.run.layers, self.run.optimizer, self.run.train_state())
@@ -382,11 +389,16 @@ def train_waveft(
                 stopped = True
             except NonFiniteLossError as err:
                 err.saved_path = writer.save_quietly()
+                err.saved_step = writer.saved_step or 0
                 raise
             except BaseException:
                 writer.save_quietly()
                 raise
-            saved = writer.save() if writer.saved_step != run.steps_done else writer.path
+            try:
+                saved = writer.save() if writer.saved_step != run.steps_done else writer.path
+            except NonFiniteLossError as err:
+                err.saved_path, err.saved_step = (writer.path if writer.saved_step else None), writer.saved_step or 0
+                raise
             exported, meta = writer.adapter()
         except BaseException:
             if attached:

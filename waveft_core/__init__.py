@@ -16,6 +16,7 @@ This package imports no host code (ComfyUI, A1111, gradio); a test enforces it.
 from . import names
 from .adapter_file import (
     FORMAT_VERSION,
+    MAX_UPDATE,
     SUFFIXES,
     AdapterFile,
     AdapterFileError,
@@ -36,6 +37,7 @@ from .wavelets import check_wavelet, filter_length, supported_wavelets
 __all__ = [
     "names",
     "FORMAT_VERSION",
+    "MAX_UPDATE",
     "SUFFIXES",
     "AdapterFile",
     "AdapterFileError",

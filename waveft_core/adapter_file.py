@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -42,6 +43,12 @@ from .wavelets import check_wavelet
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_WEIGHT_ELEMENTS = 1 << 28  # 16384 x 16384: beyond any SDXL layer; bounds what a hostile shape can allocate
+MAX_LAYERS = 10_000  # SDXL has under 2,300 Linear layers; bounds a file's load time and memory
+MAX_WAVELET_NAME = 64  # the longest supported name is 7 characters
+# |scaling| * max|coefficient| of a layer: a trained adapter is near 1 (25 x 0.05); beyond this bound the update
+# would swamp the weight (and overflow an fp16 model), which only a broken or hostile file does
+MAX_UPDATE = 1e4
+MAX_JSON_BYTES = 1 << 20
 SUFFIXES = ("waveft_coef", "waveft_shape", "waveft_scale", "waveft_wavelet", "waveft_seed", "waveft_pos")
 _HEADER_SPEC = {  # suffix -> (safetensors dtype, rank)
     "waveft_coef": ("F32", 1),
@@ -180,6 +187,14 @@ def layer_from_tensors(prefix: str, tensors: Mapping[str, torch.Tensor]) -> Laye
     scaling = float(tensors["waveft_scale"])
     if not math.isfinite(scaling):
         raise AdapterFileError(f"{prefix}.waveft_scale: not finite ({scaling})")
+    largest = abs(scaling) * float(coef.abs().max())
+    if not largest <= MAX_UPDATE:
+        raise AdapterFileError(
+            f"{prefix}.waveft_scale: scaling x largest coefficient is {largest:.3g}, beyond {MAX_UPDATE:g} "
+            "(the update would swamp or overflow the weights)"
+        )
+    if tensors["waveft_wavelet"].numel() > MAX_WAVELET_NAME:
+        raise AdapterFileError(f"{prefix}.waveft_wavelet: {tensors['waveft_wavelet'].numel()} bytes is no wavelet name")
     wavelet = _read_wavelet(prefix, tensors["waveft_wavelet"])
     if "waveft_pos" in tensors:
         positions = tensors["waveft_pos"]
@@ -250,6 +265,7 @@ def _read_wavelet(prefix: str, tensor: torch.Tensor) -> str:
 def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     """Parse and bound-check a safetensors header without reading tensor data: (entries, metadata)."""
     path = Path(path)
+    require_regular_file(path)
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
@@ -260,8 +276,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
             raise AdapterFileError(f"{path.name}: not a safetensors file (header of {length} bytes, file of {size})")
         try:
             header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise AdapterFileError(f"{path.name}: not a safetensors file (bad header: {err})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise AdapterFileError(f"{path.name}: not a safetensors file (bad header: {type(err).__name__})") from None
     if not isinstance(header, dict):
         raise AdapterFileError(f"{path.name}: not a safetensors file (header is not an object)")
     metadata = header.pop("__metadata__", None) or {}
@@ -271,6 +287,30 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     for key, entry in header.items():
         _check_layout(path, key, entry, data_size)
     return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+def require_regular_file(path: Path) -> None:
+    """Refuse what is not a regular file (after symlinks): a FIFO would block the reader forever, a device
+    such as ``/dev/zero`` never ends."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise AdapterFileError(f"{path.name}: cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise AdapterFileError(f"{path.name}: not a regular file")
+
+
+def read_small_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> object:
+    """A small JSON file (a PEFT ``adapter_config.json``): regular, at most ``limit`` bytes, parsed without a
+    recursion blow-up; every failure is an :class:`AdapterFileError` naming the file."""
+    path = Path(path)
+    require_regular_file(path)
+    if path.stat().st_size > limit:
+        raise AdapterFileError(f"{path}: {path.stat().st_size} bytes is too large for a config")
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise AdapterFileError(f"{path}: unreadable ({type(err).__name__}: {str(err)[:200]})") from None
 
 
 _ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -311,7 +351,8 @@ def _check_entry(path: Path, key: str, entry: dict) -> None:
     shape = entry["shape"]
     if entry.get("dtype") != dtype or len(shape) != rank:
         raise AdapterFileError(f"{path.name}: {key}: expected dtype {dtype} of rank {rank}, got {entry.get('dtype')} {shape}")
-    if rank and not 0 < shape[0] <= MAX_WEIGHT_ELEMENTS:
+    limit = {"waveft_shape": 2, "waveft_wavelet": MAX_WAVELET_NAME}.get(suffix, MAX_WEIGHT_ELEMENTS)
+    if rank and not 0 < shape[0] <= limit:
         raise AdapterFileError(f"{path.name}: {key}: implausible length {shape[0]}")
 
 
@@ -323,6 +364,8 @@ def load_adapter(path: str | os.PathLike) -> AdapterFile:
     if version != FORMAT_VERSION:
         raise AdapterFileError(f"{path.name}: waveft_version is {version!r}; this build reads version {FORMAT_VERSION}")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
+    if len(header) > len(SUFFIXES) * MAX_LAYERS:
+        raise AdapterFileError(f"{path.name}: {len(header)} tensors, more than {MAX_LAYERS} layers can hold")
     for key, entry in header.items():
         _check_entry(path, key, entry)
     for key, tensor in read_tensors(path, header).items():
@@ -330,6 +373,8 @@ def load_adapter(path: str | os.PathLike) -> AdapterFile:
         grouped.setdefault(prefix, {})[suffix] = tensor
     if not grouped:
         raise AdapterFileError(f"{path.name}: contains no WaveFT layers")
+    if len(grouped) > MAX_LAYERS:
+        raise AdapterFileError(f"{path.name}: {len(grouped)} layers; a WaveFT file has at most {MAX_LAYERS}")
     layers = {}
     for prefix, tensors in grouped.items():
         try:

@@ -10,13 +10,14 @@ from pathlib import Path
 
 from .adapter_file import AdapterFileError, load_adapter
 from .convert import bake_checkpoint, convert_peft
+from .names import printable
 
 
 def summarize(path: str) -> dict:
     """What ``inspect`` reports: layer count and names, parameters, wavelet, scaling, seed, base model."""
     adapter = load_adapter(path)
     layers = adapter.layers.values()
-    components = Counter(prefix.split("_")[1] for prefix in adapter.layers)
+    components = Counter((prefix.split("_") + ["?"])[1] for prefix in adapter.layers)
     return {
         "file": str(Path(path).name),
         "format_version": adapter.metadata.get("waveft_version"),
@@ -35,8 +36,8 @@ def summarize(path: str) -> dict:
 
 
 def _print_summary(info: dict) -> None:
-    print(f"{info['file']}: WaveFT v{info['format_version']}, base model {info['base_model']}")
-    print(f"  layers: {info['layers']} {info['layers_by_component']}, parameters: {info['total_parameters']:,}")
+    print(printable(f"{info['file']}: WaveFT v{info['format_version']}, base model {info['base_model']}"))
+    print(printable(f"  layers: {info['layers']} {info['layers_by_component']}, parameters: {info['total_parameters']:,}"))
     print(f"  wavelet: {', '.join(info['wavelets'])}  scaling: {', '.join(map(str, info['scalings']))}")
     print(f"  seed: {', '.join(map(str, info['seeds'])) or '-'}  layers with stored positions: {info['positions_stored']}")
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             check_output(args.out, args.overwrite, args.checkpoint, args.adapter)
             merged = bake_checkpoint(args.checkpoint, args.adapter, args.out, args.strength)
             print(f"wrote {args.out}: {merged} layers merged at strength {args.strength}")
-    except (AdapterFileError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (AdapterFileError, ValueError, OSError) as err:  # OSError: missing file, a directory, a full disk
+        print(f"error: {printable(err)}", file=sys.stderr)
         return 2
     return 0

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
 from pathlib import Path
@@ -25,6 +25,7 @@ from .adapter_file import (
     layer_from_tensors,
     load_adapter,
     read_header,
+    read_small_json,
     read_tensors,
     save_adapter,
     save_tensors_atomic,
@@ -35,14 +36,7 @@ from .names import KOHYA_PREFIX, peft_key_to_kohya, sdxl_kohya_table
 def convert_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike) -> AdapterFile:
     """Turn a PEFT WaveFT folder (diffusers SDXL UNet) into a v1 file at ``out_path``; returns it."""
     peft_dir = Path(peft_dir)
-    config = json.loads((peft_dir / "adapter_config.json").read_text())
-    if str(config.get("peft_type", "")).upper() != "WAVEFT":
-        raise AdapterFileError(f"{peft_dir}: peft_type is {config.get('peft_type')!r}, not WAVEFT")
-    if not config.get("use_idwt", True):
-        raise AdapterFileError(f"{peft_dir}: use_idwt=False adapters (no wavelet transform) are not WaveFT v1")
-    wavelet = str(config.get("wavelet_family", "db1"))
-    scaling = float(config.get("scaling", 25.0))
-    seed = int(config.get("random_loc_seed", 777))
+    wavelet, scaling, seed = peft_settings(peft_dir / "adapter_config.json")
     table = sdxl_kohya_table()
     weights = peft_dir / "adapter_model.safetensors"
     header, _ = read_header(weights)
@@ -58,6 +52,33 @@ def convert_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike) -> Ad
         raise AdapterFileError(f"{weights.name}: no waveft_spectrum tensors")
     save_adapter(out_path, layers, {"waveft_converted_from": "peft"})
     return load_adapter(out_path)
+
+
+PEFT_DEFAULTS = {"wavelet_family": "db1", "scaling": 25.0, "random_loc_seed": 777}
+
+
+def peft_settings(config_path: str | os.PathLike, required: bool = True) -> tuple[str, float, int]:
+    """``(wavelet, scaling, seed)`` of a PEFT WaveFT ``adapter_config.json``, checked: the one reader of PEFT
+    configs. Without the file: an error, or with ``required=False`` PEFT's defaults."""
+    config_path = Path(config_path)
+    if not config_path.exists() and not required:
+        config: object = {}
+    else:
+        config = read_small_json(config_path)
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_path}: not a JSON object")
+    if config.get("peft_type") is not None and str(config["peft_type"]).upper() != "WAVEFT":
+        raise AdapterFileError(f"{config_path}: peft_type is {config.get('peft_type')!r}, not WAVEFT")
+    if not config.get("use_idwt", True):
+        raise AdapterFileError(f"{config_path}: use_idwt=False adapters (no wavelet transform) are not supported")
+    values = {**PEFT_DEFAULTS, **{k: config[k] for k in PEFT_DEFAULTS if config.get(k) is not None}}
+    try:
+        wavelet, scaling, seed = str(values["wavelet_family"]), float(values["scaling"]), int(values["random_loc_seed"])
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(f"{config_path}: malformed WaveFT settings ({err})") from None
+    if not math.isfinite(scaling) or seed < 0:
+        raise AdapterFileError(f"{config_path}: scaling {scaling} / random_loc_seed {seed} out of range")
+    return wavelet, scaling, seed
 
 
 def _validated(prefix: str, coef: torch.Tensor, shape: tuple[int, int], scaling: float, wavelet: str, seed: int):

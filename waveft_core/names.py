@@ -177,3 +177,9 @@ def peft_key_to_kohya(key: str) -> str | None:
     name = key.removeprefix("base_model.model.")
     ldm = unet_diffusers_to_ldm(name)
     return None if ldm is None else kohya_name("unet", ldm)
+
+
+def printable(text: object) -> str:
+    """``text`` with control characters escaped: layer names and metadata come from downloaded files, and an
+    escape code or a newline must not reach a terminal or forge a host's log line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
