@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -15,6 +16,7 @@ LORA_FOLDER = "loras"
 SAVE_FOLDERS = (FOLDER, LORA_FOLDER)
 EXTENSIONS = {".safetensors", ".sft"}  # adapters are read as safetensors only: nothing is ever unpickled
 _UNSAFE = re.compile(r"[^A-Za-z0-9._ -]+")
+MAX_COMPONENT = 100
 CHECKPOINTS = "checkpoints"  # models/waveft/checkpoints: training runs' latest adapters and resume states
 
 
@@ -64,7 +66,9 @@ def resolve(folder_paths: ModuleType, name: str) -> str:
 
 def safe_stem(name: str) -> str:
     """A file-name stem from user text: subfolders kept, but no traversal, no odd characters, no extension."""
-    parts = [_UNSAFE.sub("_", part).strip(" .") for part in re.split(r"[\\/]+", name)]
+    # a component is cut to MAX_COMPONENT characters: with the run key, suffixes and a temporary name's
+    # decorations it must stay under the file systems' 255-byte limit
+    parts = [_UNSAFE.sub("_", part).strip(" .")[:MAX_COMPONENT].strip(" .") for part in re.split(r"[\\/]+", name)]
     parts = [part for part in parts if part and part not in (".", "..")]
     stem = "/".join(parts) or "waveft"
     for extension in EXTENSIONS:
@@ -78,15 +82,12 @@ def checkpoint_path(folder_paths: ModuleType, name: str, key: str) -> Path:
     resume state beside it (``key`` names the run: see ``trainer.run_key``)."""
     folder = Path(folder_paths.get_folder_paths(FOLDER)[0]).resolve() / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{safe_stem(name).replace('/', '_')}-{key}.safetensors"
+    return folder / f"{safe_stem(name).replace('/', '_')[:MAX_COMPONENT]}-{key}.safetensors"
 
 
-def reserve_save_path(folder_paths: ModuleType, folder: str, name: str) -> Path:
-    """Create (empty, exclusively) and return a new ``.safetensors`` path for ``name`` in ``folder``.
-
-    Never overwrites: ``name.safetensors``, else ``name_001.safetensors``, ``name_002``... The caller
-    writes the file over the placeholder (atomically) or deletes it on failure.
-    """
+def save_candidates(folder_paths: ModuleType, folder: str, name: str) -> Iterator[Path]:
+    """The names a new save of ``name`` in ``folder`` may take, in order: ``name.safetensors``, then
+    ``name_001.safetensors``, ``name_002``... (:func:`waveft_core.save_adapter_new` takes the first free one)."""
     if folder not in SAVE_FOLDERS:
         raise ValueError(f"folder must be one of {SAVE_FOLDERS}, got {folder!r}")
     base = Path(folder_paths.get_folder_paths(folder)[0]).resolve()
@@ -94,12 +95,5 @@ def reserve_save_path(folder_paths: ModuleType, folder: str, name: str) -> Path:
     target = (base / stem).resolve()
     if os.path.commonpath([base, target]) != str(base):  # defence in depth; safe_stem already prevents it
         raise ValueError(f"refusing to save outside {base}: {name!r}")
-    target.parent.mkdir(parents=True, exist_ok=True)
     for counter in range(0, 100000):
-        candidate = target.parent / (f"{target.name}.safetensors" if counter == 0 else f"{target.name}_{counter:03d}.safetensors")
-        try:
-            with open(candidate, "x"):
-                return candidate
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free file name for {stem!r} in {target.parent}")
+        yield target.parent / (f"{target.name}.safetensors" if counter == 0 else f"{target.name}_{counter:03d}.safetensors")

@@ -25,7 +25,7 @@ from ..trainer import (
     state_path,
     train_waveft,
 )
-from ..waveft_core import SDXL_ATTENTION_PATTERN, AdapterFile, WaveFTConfig, save_adapter, supported_wavelets
+from ..waveft_core import SDXL_ATTENTION_PATTERN, AdapterFile, WaveFTConfig, save_adapter_new, supported_wavelets
 from . import paths
 from .comfy_patching import apply_layers
 from .comfy_training import (
@@ -88,7 +88,7 @@ def train(model, clip, data: TrainingData, settings: TrainSettings, opt: dict, w
     with torch.inference_mode(False), training_parts(model, clip if te_pattern else None, settings.waveft) as (parts, dtype):
         if te_pattern:
             require_text_encoder_targets(parts, settings.waveft, te_pattern)
-        checkpoint = run_checkpoint(parts, dtype, settings, data, opt["name"])
+        checkpoint = own_checkpoint(run_checkpoint(parts, dtype, settings, data, opt["name"]), settings.steps)
         resume = opt.get("resume", True) and continues(checkpoint, settings.steps)
         unet = parts["unet"]
         return train_waveft(
@@ -98,6 +98,18 @@ def train(model, clip, data: TrainingData, settings: TrainSettings, opt: dict, w
             metadata={"ss_base_model_version": base_model_version(model)},
             set_gradient_checkpointing=block_checkpointing(unet), input_dtype=dtype,
         )
+
+
+def own_checkpoint(checkpoint: Path, steps: int) -> Path:
+    """Where a run of ``steps`` keeps its checkpoints: the run's own file, unless that holds a longer run
+    (which must not be overwritten by a shorter one), then ``<file>-upto<steps>``."""
+    saved = saved_steps(state_path(checkpoint))
+    if saved is None or saved <= steps:
+        return checkpoint
+    shorter = checkpoint.with_name(f"{checkpoint.stem}-upto{steps}{checkpoint.suffix}")
+    log.info("[WaveFT] %s holds %d steps, more than the %d asked for: it is kept, and this run trains from the "
+             "start into %s", checkpoint.name, saved, steps, shorter.name)
+    return shorter
 
 
 def continues(checkpoint: Path, steps: int) -> bool:
@@ -114,12 +126,8 @@ def continues(checkpoint: Path, steps: int) -> bool:
 
 def save(adapter: AdapterFile, folder: str, name: str) -> Path:
     """Write ``adapter`` under a new, safe name in ``models/<folder>`` (never overwrites); returns the path."""
-    path = paths.reserve_save_path(folder_paths, folder, name)
-    try:
-        save_adapter(path, adapter.layers, {**adapter.metadata, "ss_output_name": path.stem})
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    metadata = {k: v for k, v in adapter.metadata.items() if k != "ss_output_name"}
+    path = save_adapter_new(paths.save_candidates(folder_paths, folder, name), adapter.layers, metadata)
     log.info("[WaveFT] saved %s", path)
     return path
 

@@ -265,18 +265,58 @@ def test_safe_stem(name, stem):
     assert _glue("paths").safe_stem(name) == stem
 
 
-def test_reserve_save_path_never_overwrites(tmp_path):
+def test_saves_never_overwrite_and_leave_no_placeholder(tmp_path):
+    from waveft_core import save_adapter_new
+
     paths = _glue("paths")
     fp = _fake_folder_paths(tmp_path)
     paths.register_folder(fp)
-    first = paths.reserve_save_path(fp, "waveft", "subjects/dog")
-    second = paths.reserve_save_path(fp, "waveft", "subjects/dog.safetensors")
-    third = paths.reserve_save_path(fp, "loras", "../../../dog")
-    assert first == tmp_path / "waveft" / "subjects" / "dog.safetensors" and first.is_file()
+    layers = {"lora_unet_x": _layer()}
+    first = save_adapter_new(paths.save_candidates(fp, "waveft", "subjects/dog"), layers)
+    second = save_adapter_new(paths.save_candidates(fp, "waveft", "subjects/dog.safetensors"), layers)
+    third = save_adapter_new(paths.save_candidates(fp, "loras", "../../../dog"), layers)
+    assert first == tmp_path / "waveft" / "subjects" / "dog.safetensors" and first.stat().st_size > 0
     assert second == tmp_path / "waveft" / "subjects" / "dog_001.safetensors"
     assert third == tmp_path / "loras" / "dog.safetensors"
+    assert not [p for p in (tmp_path / "waveft" / "subjects").iterdir() if p.name.startswith(".")]
     with pytest.raises(ValueError):
-        paths.reserve_save_path(fp, "checkpoints", "dog")
+        next(paths.save_candidates(fp, "checkpoints", "dog"))
+
+
+def test_a_killed_save_leaves_no_real_name_and_its_temporary_is_swept(tmp_path, monkeypatch):
+    """A process killed while saving: no file appears under a real name, and the hidden temporary it left is
+    removed by a later save into that folder once it is an hour old."""
+    import os
+    import time
+
+    import waveft_core.adapter_file as adapter_file
+
+    paths = _glue("paths")
+    fp = _fake_folder_paths(tmp_path)
+    paths.register_folder(fp)
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands for SIGKILL between writing and naming
+
+    monkeypatch.setattr(adapter_file.os, "link", killed)
+    with pytest.raises(KeyboardInterrupt):
+        adapter_file.save_adapter_new(paths.save_candidates(fp, "loras", "dog"), {"lora_unet_x": _layer()})
+    assert not list((tmp_path / "loras").glob("*.safetensors"))
+    monkeypatch.undo()
+    litter = tmp_path / "loras" / ".cat.safetensors.abcd1234.tmp"  # what SIGKILL itself would leave
+    litter.write_bytes(b"x" * 100)
+    os.utime(litter, (time.time() - 7200, time.time() - 7200))
+    someone_elses = tmp_path / "loras" / ".other.tmp"
+    someone_elses.write_bytes(b"y")
+    os.utime(someone_elses, (time.time() - 7200, time.time() - 7200))
+    adapter_file.save_adapter_new(paths.save_candidates(fp, "loras", "dog"), {"lora_unet_x": _layer()})
+    assert not litter.exists() and someone_elses.exists()
+
+
+def test_long_names_are_cut_to_fit_file_systems():
+    paths = _glue("paths")
+    stem = paths.safe_stem("a" * 300 + "/" + "b" * 300)
+    assert stem == "a" * 100 + "/" + "b" * 100
 
 
 def test_buckets_keep_aspect_and_resolution():

@@ -268,8 +268,12 @@ def test_a_failed_run_requeued_continues_where_it_stopped(host, progress_calls):
     again, _ = run_prompt(_prompt(steps=5, name="crashy", resume=False))  # start over, on purpose
     assert again.success and calls[0] == (1, 5)
     calls.clear()
+    longer = adapter.read_bytes()
     shorter, _ = run_prompt(_prompt(steps=2, name="crashy"))  # the checkpoint holds 5 steps, not step 2
-    assert shorter.success and calls == [(1, 2), (2, 2)] and load_adapter(_checkpoints(host, "crashy")[0]).metadata["ss_steps"] == "2"
+    assert shorter.success and calls == [(1, 2), (2, 2)]
+    assert adapter.read_bytes() == longer, "a shorter run must not overwrite the longer run's checkpoint"
+    (short_adapter,) = [p for p in _checkpoints(host, "crashy") if p.name.endswith("-upto2.safetensors")]
+    assert load_adapter(short_adapter).metadata["ss_steps"] == "2"
 
 
 def test_other_settings_are_another_run(host, progress_calls):

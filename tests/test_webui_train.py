@@ -280,6 +280,20 @@ def test_an_existing_adapter_is_never_overwritten_by_a_new_run(tmp_path):
     (tmp_path / "Lora" / "downloaded.safetensors").write_bytes(saved)
     with pytest.raises(ValueError, match="no saved training state"):
         train_a1111.run_training(request(paths, name="downloaded", resume=True), env.host)
+    (tmp_path / "Lora" / "old.pt").write_bytes(b"a textual LoRA of another format")
+    (tmp_path / "Lora" / "old.preview.png").write_bytes(b"its card image")
+    with pytest.raises(ValueError, match="old.pt already uses the name 'old'"):
+        train_a1111.run_training(request(paths, name="old"), env.host)
+    assert (tmp_path / "Lora" / "old.preview.png").read_bytes() == b"its card image"
+
+
+def test_special_files_in_the_image_folder_are_skipped(tmp_path):
+    import os
+
+    folder = write_images(tmp_path / "imgs", [(64, 64)])[0].parent
+    os.mkfifo(folder / "pipe.png")  # reading it would block while the WebUI's queue lock is held
+    (folder / "dir.jpg").mkdir()
+    assert [p.name for p in train_tab.collect_image_paths([], str(folder))] == ["img0.png"]
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -24,6 +24,7 @@ from .adapter_file import (
     layer_from_tensors,
     load_adapter,
     save_adapter,
+    save_adapter_new,
     save_tensors_atomic,
 )
 from .config import SDXL_ATTENTION_PATTERN, WaveFTConfig, proportional_budgets
@@ -45,6 +46,7 @@ __all__ = [
     "layer_from_tensors",
     "load_adapter",
     "save_adapter",
+    "save_adapter_new",
     "save_tensors_atomic",
     "SDXL_ATTENTION_PATTERN",
     "WaveFTConfig",

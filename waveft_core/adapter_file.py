@@ -19,13 +19,17 @@ dtype: half-precision coefficients and scale are widened, and float-stored integ
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import json
 import math
 import os
+import re
 import stat
 import struct
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -421,6 +425,70 @@ def save_adapter(
     return save_tensors_atomic(tensors, path, meta)
 
 
+def save_adapter_new(
+    candidates: Iterable[str | os.PathLike],
+    layers: Mapping[str, LayerAdapter],
+    metadata: Mapping[str, str] | None = None,
+    base_model: str = "sdxl_base_v1-0",
+) -> Path:
+    """Save ``layers`` under the first of ``candidates`` that does not exist yet, never replacing a file.
+
+    The file is written once under a hidden temporary name and then hard-linked to a free name (a link never
+    replaces an existing file, so concurrent saves cannot collide): a crash at any moment leaves no empty or
+    partial file under a real name, only the temporary, which later saves into that folder sweep away.
+    ``ss_output_name`` defaults to the first candidate's stem.
+    """
+    remaining = iter(candidates)
+    first = Path(next(remaining))
+    first.parent.mkdir(parents=True, exist_ok=True)
+    if not layers:
+        raise AdapterFileError("refusing to save an adapter with no layers")
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, layer in layers.items():
+        tensors.update(layer.tensors(prefix))
+    temporary = _write_temporary(tensors, first, {**default_metadata(layers, first.stem, base_model),
+                                                  **{str(k): str(v) for k, v in (metadata or {}).items()}})
+    try:
+        for candidate in itertools.chain([first], map(Path, remaining)):
+            try:
+                os.link(temporary, candidate)
+            except FileExistsError:
+                continue
+            return candidate
+        raise FileExistsError(f"no free file name among {first.name} and its numbered variants in {first.parent}")
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+STALE_TEMPORARY_SECONDS = 3600
+
+
+def sweep_stale_temporaries(folder: Path) -> None:
+    """Remove this project's temporaries (``.<name>.<random>.tmp``) over an hour old in ``folder``: what a
+    process killed while saving left behind. Anything else is left alone."""
+    now = time.time()
+    for candidate in folder.glob(".*.tmp"):
+        if not re.fullmatch(r"\..+\.(safetensors|waveft-state)\.[A-Za-z0-9_]{8}\.tmp", candidate.name):
+            continue
+        with contextlib.suppress(OSError):
+            if now - candidate.lstat().st_mtime > STALE_TEMPORARY_SECONDS and stat.S_ISREG(candidate.lstat().st_mode):
+                candidate.unlink()
+
+
+def _write_temporary(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> Path:
+    """``tensors`` in a new hidden temporary file beside ``path`` (readable like any new file there)."""
+    sweep_stale_temporaries(path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=dict(metadata))
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it owner-only; shared model folders need more
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return Path(temporary)
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
@@ -434,13 +502,10 @@ def save_tensors_atomic(
     a crash or a full disk never leaves a half-written file under the real name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    temporary = _write_temporary(tensors, path, dict(metadata or {}))
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=dict(metadata or {}))
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it owner-only; shared model folders need more
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path

@@ -76,8 +76,15 @@ def output_path(lora_dir: Path, name: str) -> Path:
     return Path(lora_dir) / f"{name}.safetensors"
 
 
+NETWORK_SUFFIXES = (".safetensors", ".pt", ".ckpt")  # what A1111's Lora page lists (and shares a preview with)
+
+
 def refuse_to_overwrite(path: Path, resume: bool) -> None:
-    """An adapter of this name is only ever replaced by continuing its own run (its state file beside it)."""
+    """An adapter of this name is only ever replaced by continuing its own run (its state file beside it), and
+    a network of another format under the same name (``foo.pt``) keeps its card image."""
+    others = [path.with_suffix(s).name for s in NETWORK_SUFFIXES if s != path.suffix and path.with_suffix(s).exists()]
+    if others:
+        raise ValueError(f"{', '.join(others)} already uses the name {path.stem!r} (and its card image): choose another name")
     if path.exists() and not resume:
         raise ValueError(f"an adapter named {path.stem!r} already exists: choose another name, or tick "
                          "'Continue a saved run of this name' to train it further")

@@ -29,11 +29,13 @@ EncodePrompt = Callable[[str, int, int], dict[str, torch.Tensor]]
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder`` (sorted, hidden files skipped); raises if there are none."""
+    """Image files directly in ``folder`` (sorted; hidden files and anything not a regular file, such as a FIFO
+    that would block the WebUI's queue lock, skipped); raises if there are none."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ValueError(f"image folder {str(root)!r} does not exist")
-    found = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    found = sorted(p for p in root.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
     if not found:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(root)!r}")
     return found
