@@ -299,3 +299,30 @@ def test_small_json_reader_refuses_devices_fifos_huge_and_deep_files(tmp_path):
                           ("huge", "too large"), ("deep", "RecursionError")]:
         with pytest.raises(AdapterFileError, match=message):
             read_small_json(tmp_path / f"{name}.json")
+
+
+def test_applying_a_long_filter_layer_keeps_no_index_larger_than_the_weight(monkeypatch):
+    """The memory bomb: coif17 on SDXL's largest Linear with a budget just under the old dense switch built a
+    290 MB tap index per layer; what applying a layer keeps is now bounded by a float32 copy of its weight."""
+    import waveft_core.adapter_file as adapter_file
+    from waveft_core import filter_length
+    from waveft_core.functional import INDEX_BYTES_PER_TAP, dense_is_cheaper
+
+    shape = (10240, 1280)
+    assert dense_is_cheaper(5600, "coif17", shape)  # the old rule painted this: 6.5 M taps, ~290 MB of index
+    for p in (10, 100, 1000, 5000, 20000, 100000):
+        for wavelet in ("db1", "db4", "db8", "sym10", "coif17"):
+            painted = not dense_is_cheaper(p, wavelet, shape)
+            index_bytes = p * filter_length(wavelet) ** 2 * INDEX_BYTES_PER_TAP
+            assert not painted or index_bytes <= max(4 * shape[0] * shape[1], (1 << 16) * INDEX_BYTES_PER_TAP)
+    assert not dense_is_cheaper(2592, "db1", (640, 640))  # the default keeps its bit-exact painting
+
+    def no_index(*args, **kwargs):
+        raise AssertionError("a dense-built layer must not build a tap index")
+
+    monkeypatch.setattr(adapter_file, "_seeded_patch_index", no_index)
+    layer = LayerAdapter(torch.randn(5600) * 1e-3, (640, 640), 25.0, "coif17", seed=1)
+    assert dense_is_cheaper(5600, "coif17", (640, 640))
+    weight = torch.zeros(640, 640)
+    layer.add_to_(weight, 1.0)
+    assert torch.isfinite(weight).all() and weight.abs().sum() > 0

@@ -185,14 +185,19 @@ def with_delta(weight: torch.Tensor, coef: torch.Tensor, index: PatchIndex, scal
 
 
 DENSE_MIN_TAPS = 1 << 16
+INDEX_BYTES_PER_TAP = 44  # a PatchIndex: rows, cols, flat, slot (int64) and taps (float32) per tap, + touched
 
 
 def dense_is_cheaper(p: int, wavelet: str, shape: tuple[int, int]) -> bool:
-    """Whether ``dW`` is better built from the separable factors than by painting its ``p L^2`` taps: when the
-    taps number over half the weight's entries (measured on 1280 x 1280: from db10 on) and are many enough
-    to matter; below that painting is as fast and exact to the bit for Haar."""
+    """Whether ``dW`` is built from the separable factors rather than by painting its ``p L^2`` taps: when the
+    taps are many enough to matter and their index would outgrow a float32 copy of the weight.
+
+    That bounds what applying a layer keeps by the layer's own size (a 33 KB file of long-filter layers used
+    to build 290 MB of index per SDXL layer); the separable build is as fast there (1280 x 1280: painting
+    wins only below about db10 at the default budget) and Haar at usual budgets keeps its bit-exact painting.
+    """
     taps = p * filter_length(wavelet) ** 2
-    return taps > DENSE_MIN_TAPS and 2 * taps > shape[0] * shape[1]
+    return taps > DENSE_MIN_TAPS and taps * INDEX_BYTES_PER_TAP > 4 * shape[0] * shape[1]
 
 
 def delta_weight(
