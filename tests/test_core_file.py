@@ -326,3 +326,78 @@ def test_applying_a_long_filter_layer_keeps_no_index_larger_than_the_weight(monk
     weight = torch.zeros(640, 640)
     layer.add_to_(weight, 1.0)
     assert torch.isfinite(weight).all() and weight.abs().sum() > 0
+
+
+def _structured_mutation(rng, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One seeded change of a class a hostile file uses: values (NaN, Inf, huge, negative), dtypes, shapes and
+    lengths, missing / extra / renamed keys, names with control characters, swapped seed and positions."""
+    out = dict(tensors)
+    key = rng.choice(sorted(out))
+    kind = rng.randrange(9)
+    if kind == 0:
+        out[key] = torch.full_like(out[key], rng.choice([float("nan"), float("inf"), 1e38, -1e30])) \
+            if out[key].is_floating_point() else out[key] * rng.choice([-1, 10**9, 0])
+    elif kind == 1:
+        out[key] = out[key].to(rng.choice([torch.float16, torch.bfloat16, torch.int32, torch.uint8, torch.float64]))
+    elif kind == 2:
+        out[key] = torch.zeros(rng.choice([0, 1, 3, 65, 1 << 16]), dtype=out[key].dtype)
+    elif kind == 3:
+        out.pop(key)
+    elif kind == 4:
+        out[key.rpartition(".")[0] + rng.choice([".lora_up.weight", ".waveft_extra", ".alpha"])] = torch.ones(2)
+    elif kind == 5:
+        out[key.replace("lora_unet_", rng.choice(["", "\x1b[31m", "lora_unet_\n", "a.b."]))] = out.pop(key)
+    elif kind == 6:
+        out[key] = out[key].reshape(-1, 1) if out[key].dim() == 1 else out[key].reshape(-1)
+    elif kind == 7:
+        prefix = key.rpartition(".")[0]
+        out[f"{prefix}.waveft_pos"] = torch.randint(-5, 10**9, (30,))
+    else:
+        out[key] = torch.randn(rng.randrange(1, 200)).to(out[key].dtype)
+    return out
+
+
+def test_structured_mutations_give_a_valid_adapter_or_a_named_error_fast(tmp_path):
+    """Seeded property test across the hostile-input classes: every mutated file either loads as a valid,
+    bounded adapter or raises AdapterFileError naming the file; each in bounded time."""
+    import random
+    import time
+
+    from waveft_core.adapter_file import MAX_UPDATE
+
+    good = {**_layer().tensors(PREFIX), **_layer(positions=torch.randperm(16 * 12)[:30], seed=None).tensors(PREFIX + "_b")}
+    rng = random.Random(2026)
+    outcomes = {"loaded": 0, "rejected": 0}
+    for trial in range(300):
+        tensors = good
+        for _ in range(rng.randint(1, 3)):
+            tensors = _structured_mutation(rng, tensors)
+        path = tmp_path / f"s{trial}.safetensors"
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"waveft_version": "1"})
+        except Exception:  # safetensors itself refuses some (empty names ...): not a file anyone could ship
+            continue
+        start = time.perf_counter()
+        try:
+            adapter = load_adapter(path)
+        except AdapterFileError as err:
+            outcomes["rejected"] += 1
+            assert path.name in str(err), err
+        else:
+            outcomes["loaded"] += 1
+            for layer in adapter.layers.values():
+                assert abs(layer.scaling) * float(layer.coef.abs().max()) <= MAX_UPDATE
+                assert torch.isfinite(layer.delta_weight()).all()
+        assert time.perf_counter() - start < 5.0, trial
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():  # the stock loaders' way: bare tensors, one layer at a time
+            prefix, _, suffix = key.rpartition(".")
+            if suffix.startswith("waveft_"):
+                groups.setdefault(prefix, {})[suffix] = value
+        for prefix, group in groups.items():
+            try:
+                layer = layer_from_tensors(prefix, group)
+            except AdapterFileError:
+                continue
+            assert torch.isfinite(layer.delta_weight()).all()
+    assert outcomes["rejected"] > 100 and outcomes["loaded"] > 0, outcomes
