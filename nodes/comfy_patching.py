@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import comfy.lora
+import comfy.patcher_extension
 import comfy.sd
 import comfy.utils
 import comfy.weight_adapter
 import folder_paths
 
-from ..waveft_core import LayerAdapter
+from ..waveft_core import LayerAdapter, clear_caches
 from . import paths
 from .adapter_files import is_core_trainer_file, read_adapter
 from .patches import PatchPlan, plan_patches, unet_key_map
@@ -92,6 +93,7 @@ def apply_layers(
     if model is not None and strength_model != 0 and plan.unet:
         new_model = model.clone()
         new_model.add_patches({k: adapter_class.from_layer(layer) for k, layer in plan.unet.items()}, strength_model)
+        release_caches_on_unload(new_model)
     if clip is not None and strength_clip != 0 and plan.clip:
         new_clip = clip.clone()
         new_clip.add_patches({k: adapter_class.from_layer(layer) for k, layer in plan.clip.items()}, strength_clip)
@@ -99,10 +101,25 @@ def apply_layers(
     return new_model, new_clip
 
 
+def release_caches_on_unload(patcher: Any) -> None:
+    """Drop WaveFT's shared device caches when ComfyUI fully unloads this model (its ``ON_DETACH`` callback)."""
+    callbacks = getattr(comfy.patcher_extension, "CallbacksMP", None)
+    if callbacks is None or not hasattr(patcher, "add_callback"):
+        return
+
+    def released(model_patcher: Any, unpatch_all: bool = True) -> None:
+        if unpatch_all:
+            clear_caches(model_patcher.load_device)
+
+    patcher.add_callback(callbacks.ON_DETACH, released)
+
+
 def load_with_comfy(model: Any, clip: Any | None, path: Any, strength_model: float, strength_clip: float) -> tuple[Any, Any | None]:
     """A core-trainer file through ComfyUI's own LoRA loading (its diff entries are ComfyUI's to apply)."""
     tensors = comfy.utils.load_torch_file(str(path), safe_load=True)
     new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, tensors, strength_model, strength_clip)
+    if new_model is not model and new_model is not None:
+        release_caches_on_unload(new_model)
     log.info("[WaveFT] %s: a file of ComfyUI's core trainer, applied by ComfyUI's LoRA loading", Path(path).name)
     return new_model, new_clip
 

@@ -366,3 +366,20 @@ def test_lora_save_extracts_a_plain_lora_from_a_waveft_model(host, base, capsys)
     with capsys.disabled():
         print("\nLoraSave of a WaveFT model, relative error of the extracted LoRA's update:", errors)
     assert all(error <= 1.01 for error in errors.values()), errors
+
+
+def test_unloading_a_waveft_model_releases_the_shared_caches(host, base):
+    """WaveFT's shared plans and patch indices must not outlive the model ComfyUI unloads (device memory)."""
+    import comfy.model_management as mm
+    from comfy_host import pack_module
+    from safetensors.torch import save_file
+
+    cache = pack_module("waveft_core.adapter_file")._seeded_patch_index
+    tensors, _ = _file_tensors(base, seed=10)
+    save_file(tensors, str(host["work"] / "models" / "loras" / "unload_me.safetensors"))
+    (patched,) = host["nodes"].NODE_CLASS_MAPPINGS["WaveFTLoaderModelOnly"].execute(base, "unload_me.safetensors", 1.0).args
+    with torch.inference_mode():
+        mm.load_models_gpu([patched])
+        assert cache.cache_info().currsize > 0
+        mm.unload_all_models()
+    assert cache.cache_info().currsize == 0

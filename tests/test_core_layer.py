@@ -301,3 +301,17 @@ def test_layers_with_the_same_positions_share_one_plan():
     other.base.requires_grad_(True)  # activation side only
     other(torch.randn(3, 48)).sum().backward()
     assert "patches" not in vars(other.plan(cpu))
+
+
+def test_clear_caches_drops_shared_plans_and_indices_for_a_device():
+    """What hosts call when they unload a model: nothing WaveFT built for it stays cached."""
+    from waveft_core import LayerAdapter, clear_caches, plans
+    from waveft_core.adapter_file import _seeded_patch_index
+
+    layer = LayerAdapter(torch.randn(20), (32, 24), 25.0, "db2", seed=3)
+    layer.add_to_(torch.zeros(32, 24), 1.0)
+    layer.activation_delta(torch.randn(2, 24))
+    assert _seeded_patch_index.cache_info().currsize > 0 and any(k[2] == torch.device("cpu") for k in plans._SHARED_PLANS)
+    clear_caches("cpu")
+    assert _seeded_patch_index.cache_info().currsize == 0
+    assert not any(k[2] == torch.device("cpu") for k in plans._SHARED_PLANS)

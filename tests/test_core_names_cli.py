@@ -218,3 +218,22 @@ def test_cli_escapes_names_and_reports_os_errors_without_a_traceback(tmp_path, c
     monkeypatch.setattr(cli, "convert_peft", full_disk)
     assert main(["convert-peft", str(tmp_path), str(tmp_path / "out.safetensors")]) == 2
     assert "error: [Errno 28] No space left on device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strength", ["nan", "inf", "-1e9"])
+def test_bake_refuses_a_strength_that_is_not_a_finite_slider_value(tmp_path, capsys, strength):
+    _sample_adapter(tmp_path)
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_file({"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": torch.randn(640, 640)}, str(ckpt))
+    assert main(["bake", str(ckpt), str(tmp_path / "a.safetensors"), str(tmp_path / "out.safetensors"), f"--strength={strength}"]) == 2
+    assert "must be a finite number" in capsys.readouterr().err and not (tmp_path / "out.safetensors").exists()
+
+
+def test_bake_refuses_to_write_inf_into_an_fp16_checkpoint(tmp_path, capsys):
+    prefix = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    layer = LayerAdapter(torch.full((50,), 9000.0 / 25.0), (640, 640), 25.0, "db1", seed=777)  # within the file bound
+    save_adapter(tmp_path / "a.safetensors", {prefix: layer})
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_file({"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": torch.randn(640, 640).half()}, str(ckpt))
+    assert main(["bake", str(ckpt), str(tmp_path / "a.safetensors"), str(tmp_path / "out.safetensors"), "--strength", "100"]) == 2
+    assert "would hold Inf or NaN" in capsys.readouterr().err and not (tmp_path / "out.safetensors").exists()

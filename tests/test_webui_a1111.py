@@ -443,7 +443,7 @@ def test_the_shim_sets_everything_up_like_a1111_loads_it(a1111):
     def recorder(name):
         return lambda callback, **_: registered.setdefault(name, []).append(callback)
 
-    events = ("on_app_started", "on_infotext_pasted", "on_before_ui", "on_ui_tabs")
+    events = ("on_app_started", "on_infotext_pasted", "on_before_ui", "on_model_loaded", "on_ui_tabs")
     _module("modules.script_callbacks", **{event: recorder(event) for event in events})
     shim_path = Path(__file__).resolve().parent.parent / "scripts" / "waveft_a1111.py"
     spec = importlib.util.spec_from_file_location("waveft_a1111.py", shim_path)

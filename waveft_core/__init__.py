@@ -31,6 +31,7 @@ from .config import SDXL_ATTENTION_PATTERN, WaveFTConfig, proportional_budgets
 from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight, patch_layout, with_delta
 from .layer import WaveFTLinear, waveft_delta, waveft_linear
 from .model import attach_waveft, detach_waveft, export_layers, set_strength, waveft_layers
+from .plans import clear_caches
 from .positions import DEFAULT_SEED, sample_positions
 from .sparse_ops import SparsePlan, build_plan
 from .wavelets import check_wavelet, filter_length, supported_wavelets
@@ -67,6 +68,7 @@ __all__ = [
     "set_strength",
     "waveft_layers",
     "sample_positions",
+    "clear_caches",
     "SparsePlan",
     "build_plan",
     "check_wavelet",

@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from .functional import PatchIndex, add_delta_, delta_weight, dense_is_cheaper, patch_index, patch_layout
 from .layer import waveft_delta
+from .names import printable
 from .plans import dense_delta, shared_plan
 from .positions import check_positions, sample_positions
 from .wavelets import check_wavelet
@@ -71,7 +72,11 @@ def _seeded_patch_index(shape: tuple[int, int], p: int, seed: int, wavelet: str,
 
 
 class AdapterFileError(ValueError):
-    """A WaveFT file or layer is malformed; the message names the file and key."""
+    """A WaveFT file or layer is malformed; the message names the file and key (control characters from
+    the file escaped, so a hostile name cannot forge a log line or reach a terminal)."""
+
+    def __init__(self, message: object) -> None:
+        super().__init__(printable(message))
 
 
 @dataclass

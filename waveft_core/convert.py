@@ -54,6 +54,7 @@ def convert_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike) -> Ad
     return load_adapter(out_path)
 
 
+MAX_STRENGTH = 100.0  # the loader nodes' slider range
 PEFT_DEFAULTS = {"wavelet_family": "db1", "scaling": 25.0, "random_loc_seed": 777}
 
 
@@ -120,8 +121,11 @@ def bake_checkpoint(
 ) -> int:
     """Write ``checkpoint`` with ``strength * dW`` merged into every adapted weight; returns layers merged.
 
-    Every adapter layer must find its weight with the right shape, else nothing is written.
+    Every adapter layer must find its weight with the right shape, and every merged weight must stay finite
+    (a huge strength overflows an fp16 checkpoint), else nothing is written.
     """
+    if not (math.isfinite(strength) and abs(strength) <= MAX_STRENGTH):
+        raise ValueError(f"strength {strength} must be a finite number within +-{MAX_STRENGTH:g}")
     loaded = load_adapter(adapter)
     header, metadata = read_header(checkpoint)
     targets = {prefix: checkpoint_target(prefix, layer.shape) for prefix, layer in loaded.layers.items()}
@@ -135,6 +139,8 @@ def bake_checkpoint(
         if tuple(weight.shape) != tuple(loaded.layers[prefix].shape):
             raise AdapterFileError(f"{prefix}: adapter shape {loaded.layers[prefix].shape} != {key} {tuple(weight.shape)}")
         loaded.layers[prefix].add_to_(weight, strength)
+        if not torch.isfinite(weight).all():
+            raise AdapterFileError(f"{prefix}: merged at strength {strength}, {key} would hold Inf or NaN ({weight.dtype})")
     metadata = {**metadata, "waveft_baked": f"{Path(adapter).name}@{strength}"}
     save_tensors_atomic(tensors, out_path, metadata)
     return len(targets)

@@ -102,3 +102,14 @@ def dense_delta(coef: torch.Tensor, plan: Plan, scaling: float) -> torch.Tensor:
     if isinstance(plan, PortablePlan):
         return portable_ops.portable_dense_delta(coef, plan, scaling)
     return sparse_ops.dense_delta(coef, plan, scaling)
+
+
+def clear_caches(device: torch.device | str | None = None) -> None:
+    """Drop the shared kernel plans and patch indices (those on ``device``, or all): what a host calls when it
+    unloads a model, so no device memory outlives it. The next use rebuilds them (milliseconds per shape)."""
+    from . import adapter_file  # the file layer sits above the plans
+
+    target = None if device is None else torch.device(device)
+    for key in [k for k in _SHARED_PLANS if target is None or k[2] == target]:
+        del _SHARED_PLANS[key]
+    adapter_file._seeded_patch_index.cache_clear()  # an lru_cache cannot drop one device's entries

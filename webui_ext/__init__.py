@@ -53,6 +53,7 @@ def register_callbacks(host: Host) -> None:
     script_callbacks.on_app_started(callbacks.register_alias)
     script_callbacks.on_infotext_pasted(callbacks.infotext_pasted)
     script_callbacks.on_before_ui(callbacks.add_xyz_axis)
+    script_callbacks.on_model_loaded(callbacks.release_caches)  # the previous model is gone
     if host.kind != "a1111":
         log.info("[WaveFT] the WaveFT Train tab needs A1111's model layout; not shown on %s", host.kind)
         return

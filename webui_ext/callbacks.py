@@ -13,6 +13,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
+from ..waveft_core import clear_caches
 from .layers import log
 from .prompt_tags import TAG, parse_hashes, rewrite_aliases, set_strength
 
@@ -86,3 +87,8 @@ def add_xyz_axis(xyz: ModuleType | None = None) -> bool:
     option = xyz.AxisOption(AXIS_LABEL, float, apply_strength, format_value=xyz.format_value_add_label, confirm=confirm_strength)
     xyz.axis_options.append(option)
     return True
+
+
+def release_caches(sd_model: Any = None) -> None:
+    """``on_model_loaded``: WaveFT's shared device caches belonged to the model just replaced."""
+    clear_caches()
