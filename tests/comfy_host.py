@@ -35,6 +35,17 @@ TINY_SDXL = {
 }  # fmt: skip
 
 
+# three SDXL attention projections of the tiny model, by ldm name (two layer shapes, a middle-block one)
+Q4 = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+K2 = "middle_block.1.transformer_blocks.0.attn2.to_k"
+OUT = "output_blocks.0.1.transformer_blocks.0.attn1.to_out.0"
+
+
+def weight_key(name: str) -> str:
+    """The model state-dict key of an ldm layer name."""
+    return f"diffusion_model.{name}.weight"
+
+
 def require_comfy() -> None:
     if not COMFYUI_PATH:
         pytest.skip(SKIP_REASON, allow_module_level=True)

@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_host import boot, require_comfy, tiny_sdxl
+from comfy_host import K2, OUT, Q4, boot, require_comfy, tiny_sdxl, weight_key
 
 from waveft_core import LayerAdapter
 from waveft_core.names import kohya_name
 
 require_comfy()
-
-Q4 = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
-K2 = "middle_block.1.transformer_blocks.0.attn2.to_k"
-OUT = "output_blocks.0.1.transformer_blocks.0.attn1.to_out.0"
-
 
 @pytest.fixture(scope="module")
 def host():
@@ -29,15 +24,11 @@ def base():
     return tiny_sdxl(seed=0)
 
 
-def _key(name: str) -> str:
-    return f"diffusion_model.{name}.weight"
-
-
 def _file_tensors(model, seed: int = 5) -> tuple[dict[str, torch.Tensor], dict[str, LayerAdapter]]:
     """A file's tensors for three layers: seeded (db1, db2) and explicit positions (db3, a long filter)."""
     g = torch.Generator().manual_seed(seed)
     sd = model.model.state_dict()
-    shape = {name: tuple(sd[_key(name)].shape) for name in (Q4, K2, OUT)}
+    shape = {name: tuple(sd[weight_key(name)].shape) for name in (Q4, K2, OUT)}
     layers = {
         Q4: LayerAdapter(torch.randn(200, generator=g), shape[Q4], 25.0, "db1", seed=777),
         K2: LayerAdapter(torch.randn(150, generator=g), shape[K2], 10.0, "db2", seed=3),
@@ -88,7 +79,7 @@ def test_dynamic_vram_patch_equals_a_full_load(host, base):
     model, _ = _patched(base)
     sd = base.model.state_dict()
     for name in (Q4, K2, OUT):
-        key = _key(name)
+        key = weight_key(name)
         full = comfy.lora.calculate_weight(model.patches[key], sd[key].clone(), key)
         dynamic = _dynamic_patch(model, key)(sd[key].clone())
         assert torch.equal(dynamic, full), name
@@ -104,7 +95,7 @@ def test_half_precision_patch_maths_is_within_the_dtypes_rounding(host, base, dt
     sd = base.model.state_dict()
     eps = torch.finfo(dtype).eps
     for name, layer in layers.items():
-        key = _key(name)
+        key = weight_key(name)
         w0 = sd[key].to(dtype)
         reference = w0.double() + 0.7 * layer.delta_weight().double()
         outputs = [comfy.lora.calculate_weight(model.patches[key], w0.clone(), key, intermediate_dtype=dtype)]
@@ -298,7 +289,7 @@ def test_hook_lora_with_keyframes_patches_each_step_at_the_keyframes_strength(ho
     hooks.set_keyframes_on_hooks(keyframes)
 
     model = base.clone()
-    key = _key(Q4)
+    key = weight_key(Q4)
     seen: list[torch.Tensor] = []
 
     def record(apply_model, args):
@@ -358,10 +349,10 @@ def test_lora_save_extracts_a_plain_lora_from_a_waveft_model(host, base, capsys)
         extracted = extract("standard", rank)
         assert f"diffusion_model.{Q4}.lora_up.weight" in extracted and not any(".waveft_" in k for k in extracted)
         as_lora, _ = comfy.sd.load_lora_for_models(base, None, extracted, 1.0, 0.0)
-        weights = _patched_weights(as_lora, [_key(name) for name in layers])
+        weights = _patched_weights(as_lora, [weight_key(name) for name in layers])
         for name, layer in layers.items():
             delta = layer.delta_weight()
-            got = weights[_key(name)] - base.model.state_dict()[_key(name)]
+            got = weights[weight_key(name)] - base.model.state_dict()[weight_key(name)]
             errors[f"r{rank} {name.split('.')[0]} {tuple(delta.shape)}"] = round(float((got - delta).norm() / delta.norm()), 3)
     with capsys.disabled():
         print("\nLoraSave of a WaveFT model, relative error of the extracted LoRA's update:", errors)

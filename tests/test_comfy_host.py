@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from comfy_host import boot, pack_module, require_comfy, run_prompt, tiny_clip, tiny_sdxl
+from comfy_host import K2, OUT, Q4, boot, pack_module, require_comfy, run_prompt, tiny_clip, tiny_sdxl
 from safetensors.torch import save_file
 
 from waveft_core import LayerAdapter, save_adapter
@@ -20,9 +20,6 @@ from waveft_core.names import kohya_name, unet_ldm_to_diffusers
 require_comfy()
 
 UNET = "diffusion_model."
-Q4 = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
-K2 = "middle_block.1.transformer_blocks.0.attn2.to_k"
-OUT = "output_blocks.0.1.transformer_blocks.0.attn1.to_out.0"
 TE = "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
 
 
