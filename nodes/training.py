@@ -201,7 +201,7 @@ class WaveFTTrain(io.ComfyNode):
                 show_on_node(f"Cancelled after step {result.steps_done}: saved {path}")
             raise mm.InterruptProcessingException()
         trained, trained_clip = apply_layers(model, clip, result.layers, 1.0, 1.0, opt["name"])
-        plot = plot_losses(result.losses)[None].float() / 255
+        plot = plot_losses(result.losses, title=opt["name"])[None].float() / 255
         return io.NodeOutput(trained, adapter, plot, trained_clip, ui=ui.PreviewImage(plot, cls=cls))
 
 

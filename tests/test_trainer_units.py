@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import zlib
 
 import pytest
 import torch
@@ -200,14 +199,25 @@ def test_plot_losses_is_an_rgb_image():
 
 
 def test_encode_png_round_trips_pixels():
-    image = plot_losses([3.0, 2.0, 1.5, 1.2], width=64, height=48)
+    from PIL import Image
+
+    image = plot_losses([3.0, 2.0, 1.5, 1.2], width=160, height=96, title="zjw dog")
     png = encode_png(image)
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
-    start = png.index(b"IDAT") + 4
-    length = int.from_bytes(png[start - 8 : start - 4], "big")
-    raw = zlib.decompress(png[start : start + length])
-    rows = torch.tensor(list(raw), dtype=torch.uint8).reshape(48, 1 + 64 * 3)
-    assert torch.equal(rows[:, 1:].reshape(48, 64, 3), image) and int(rows[:, 0].max()) == 0
+    decoded = Image.open(io.BytesIO(png))
+    assert decoded.mode == "RGB" and decoded.size == (160, 96)
+    assert torch.equal(torch.frombuffer(bytearray(decoded.tobytes()), dtype=torch.uint8).reshape(96, 160, 3), image)
+
+
+def test_plot_is_labelled_with_axes_and_title():
+    """Text is drawn (axis names, the run's name, tick values): the labelled plot differs from an unlabelled
+    one only where text is, and dark text pixels exist above the plot area."""
+    with_title = plot_losses([2.0, 1.0, 0.5], title="my run")
+    without = plot_losses([2.0, 1.0, 0.5])
+    changed = (with_title != without).any(dim=2)
+    rows = changed.nonzero()[:, 0]
+    assert rows.numel() > 0 and int(rows.max()) < 28  # the title lives in the top margin
+    assert (without[240:, 200:300] != 255).any()  # "step" under the x axis
 
 
 def test_text_progress_bar():
@@ -261,3 +271,16 @@ def test_block_checkpointing_recomputes_ldm_blocks_with_the_same_gradients():
     assert all(torch.allclose(p.grad, g) for p, g in zip(unet.parameters(), plain, strict=True))
     hook(False)
     assert all("forward" not in block.__dict__ for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks])
+
+
+def test_plot_draws_with_a_bitmap_font_as_old_pillow_has(monkeypatch):
+    """A1111 1.10 ships Pillow 9.5, whose default font is a bitmap font (no text anchors)."""
+    from PIL import ImageFont
+
+    import trainer.plot as plot
+
+    if not hasattr(ImageFont, "load_default_imagefont"):
+        pytest.skip("this Pillow has no separate bitmap default font to test with")
+    monkeypatch.setattr(plot, "_font", lambda size: ImageFont.load_default_imagefont())
+    image = plot.plot_losses([2.0, 1.0, 0.5], title="old pillow")
+    assert image.shape == (256, 512, 3) and (image[:28] != 255).any()

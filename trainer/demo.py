@@ -215,7 +215,7 @@ def run_demo(output: Path = DEFAULT_OUTPUT, steps: int = 120, seed: int = 777, q
     mismatch, effect = check_round_trip(unet, base, output, data)
     core.detach_waveft(unet)
     plot_path = output.with_name(output.stem + "_loss.png")
-    plot_path.write_bytes(encode_png(plot_losses(result.losses)))
+    plot_path.write_bytes(encode_png(plot_losses(result.losses, title="demo subject")))
     params = sum(layer.num_params for layer in result.layers.values())
     say(f"saved {output} ({params} coefficients in {len(result.layers)} layers); loss plot {plot_path}")
     say(f"reloaded and merged into a fresh copy of the base UNet: max |trained - merged| = {mismatch:.2e}"

@@ -89,7 +89,7 @@ def follow(job: TrainingJob, state: Any) -> Iterator[tuple[str, Any]]:
     if job.error is not None:
         yield f"WaveFT training failed: {type(job.error).__name__}: {job.error}", None
         return
-    plot = plot_losses(job.result.losses).numpy() if job.result.losses else None
+    plot = plot_losses(job.result.losses, title=job.name).numpy() if job.result.losses else None
     yield summary(job.result, job.name), plot
 
 
