@@ -1,4 +1,5 @@
-"""Independent references for WaveFT's dW: PyWavelets' idwt2 and PEFT's own WaveFT code."""
+"""Independent references for WaveFT's dW: PyWavelets' idwt2, ptwt's waverec2 (what PEFT's authors
+specify, in torch) and PEFT's own WaveFT code."""
 
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ def pywt_delta(coef, positions, shape, wavelet, scaling) -> torch.Tensor:
     bands = (grid[:h2, :w2], (grid[:h2, w2:], grid[h2:, :w2], grid[h2:, w2:]))
     rebuilt = pywt.idwt2(bands, wavelet, mode="zero") * scaling
     return torch.from_numpy(rebuilt[: shape[0], : shape[1]].copy())
+
+
+def ptwt_delta(coef, positions, shape, wavelet, scaling) -> torch.Tensor:
+    """``s * crop(ptwt.waverec2((cA, (cH, cV, cD)), wavelet))`` on PEFT's padded grid (float64): the
+    construction DESIGN.md names, by a third implementation (torch convolutions, zero boundary)."""
+    import ptwt
+
+    grid = torch.from_numpy(padded_grid(coef, positions, shape, wavelet))
+    h2, w2 = grid.shape[0] // 2, grid.shape[1] // 2
+    bands = (grid[None, :h2, :w2], (grid[None, :h2, w2:], grid[None, h2:, :w2], grid[None, h2:, w2:]))
+    rebuilt = ptwt.waverec2(bands, pywt.Wavelet(wavelet))[0] * scaling
+    return rebuilt[: shape[0], : shape[1]]
 
 
 def peft_delta(coef, positions, shape, wavelet, scaling) -> torch.Tensor:

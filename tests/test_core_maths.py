@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import peft_delta, pywt_delta, rel_error
+from oracles import peft_delta, ptwt_delta, pywt_delta, rel_error
 
 from waveft_core import add_delta_, delta_weight, sample_positions, supported_wavelets
 from waveft_core.names import sdxl_attention_shapes
@@ -65,6 +65,15 @@ def test_delta_weight_equals_pywavelets(wavelet):
         ours = delta_weight(coef, positions, shape, wavelet, 25.0)
         assert ours.dtype == torch.float32 and tuple(ours.shape) == shape
         assert rel_error(ours, pywt_delta(coef, positions, shape, wavelet, 25.0)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("wavelet", ["db1", "db2", "db5", "sym4", "coif3", "db20"])
+def test_delta_weight_equals_ptwt(wavelet):
+    """A third, independent oracle: ptwt's torch waverec2 (DESIGN.md's definition of the update)."""
+    for shape in [(64, 48), (33, 17), (2, 9)]:
+        coef, positions = _random_layer(shape, min(40, shape[0] * shape[1]))
+        ours = delta_weight(coef, positions, shape, wavelet, 25.0)
+        assert rel_error(ours, ptwt_delta(coef, positions, shape, wavelet, 25.0)) <= TOLERANCE
 
 
 @pytest.mark.parametrize("wavelet", PEFT_RIGHT)
