@@ -1,34 +1,18 @@
 """Training images: aspect buckets at the training resolution, and resize-then-centre-crop onto them.
 
 ComfyUI ``IMAGE`` tensors are ``float [B, H, W, C]`` in ``[0, 1]``. Every image keeps its aspect ratio: it is
-assigned the bucket (width, height), multiples of ``step`` pixels with an area close to ``resolution^2``,
-whose ratio is nearest its own; it is scaled to cover the bucket and centre-cropped. Images of one bucket
+assigned the bucket of :func:`trainer.data.bucket_for` (the rule A1111's tab uses too); it is scaled to cover the bucket and centre-cropped. Images of one bucket
 are encoded together; the trainer batches within buckets.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 
-
-def bucket_step(resolution: int) -> int:
-    """Bucket granularity: 64 px (SDXL's convention) from 256 px up, else 8 px (the VAE's factor)."""
-    return 64 if resolution >= 256 else 8
-
-
-def bucket_for(height: int, width: int, resolution: int) -> tuple[int, int]:
-    """``(height, width)`` of the bucket for an image: its aspect ratio, about ``resolution^2`` pixels."""
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image of size {height}x{width}")
-    step = bucket_step(resolution)
-    aspect = width / height
-    bucket_w = max(step, round(math.sqrt(resolution * resolution * aspect) / step) * step)
-    bucket_h = max(step, round(math.sqrt(resolution * resolution / aspect) / step) * step)
-    return int(bucket_h), int(bucket_w)
+from ..trainer.data import bucket_for
 
 
 def fit_to_bucket(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

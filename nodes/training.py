@@ -15,6 +15,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..trainer import (
+    UI_DEFAULTS,
     TrainingData,
     TrainResult,
     TrainSettings,
@@ -44,7 +45,7 @@ from .patches import part_pattern, part_prefix
 
 log = logging.getLogger("WaveFT")
 MAX_SEED = 2**63 - 1
-SAVE_EVERY = 50
+D = UI_DEFAULTS  # the engine's and the method's defaults, shared with A1111's tab
 
 
 # engine field -> the widget the user sees, so a refused value is named as on the node
@@ -67,7 +68,7 @@ def _train_settings(model, opt: dict) -> TrainSettings:
         steps=opt["steps"], learning_rate=opt["learning_rate"], batch_size=opt["batch_size"],
         grad_accum=opt["grad_accumulation"], seed=opt["seed"], resolution=opt["resolution"],
         gradient_checkpointing=opt["gradient_checkpointing"], mixed_precision=opt["precision"],
-        output_name=opt["name"], save_every=opt.get("save_every", SAVE_EVERY), **schedule(model),
+        output_name=opt["name"], save_every=opt.get("save_every", D["save_every"]), **schedule(model),
         waveft=WaveFTConfig(n_frequency=opt["budget"], scaling=opt["scaling"], wavelet=opt["wavelet"],
                             target_pattern=part_pattern(opt["target_pattern"], opt.get("text_encoder_pattern", ""))),
     )
@@ -148,30 +149,30 @@ class WaveFTTrain(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="Encodes the instance prompt once, before training."),
                 io.Vae.Input("vae", tooltip="Encodes the images once, before training."),
                 io.Image.Input("images", tooltip="One or more images (a batch or a list; any sizes)."),
-                io.String.Input("instance_prompt", default="a photo of zjw dog", multiline=True,
+                io.String.Input("instance_prompt", default=D["instance_prompt"], multiline=True,
                                 tooltip="The caption of every image: a rare word for your subject plus its class (use the same words when generating)."),
-                io.Int.Input("budget", default=2592, min=1, max=1 << 24, tooltip="Trainable coefficients per layer (2592 = LoRA rank 1's size on SDXL)."),
-                io.Combo.Input("wavelet", options=list(supported_wavelets()), default="db1",
+                io.Int.Input("budget", default=D["budget"], min=1, max=1 << 24, tooltip="Trainable coefficients per layer (2592 = LoRA rank 1's size on SDXL)."),
+                io.Combo.Input("wavelet", options=list(supported_wavelets()), default=D["wavelet"],
                                tooltip="Wavelet of the inverse transform that turns coefficients into the weight update (db1 = Haar, the paper's choice)."),
-                io.Float.Input("scaling", default=25.0, min=0.01, max=1000.0, step=0.01,
+                io.Float.Input("scaling", default=D["scaling"], min=0.01, max=1000.0, step=0.01,
                                tooltip="Multiplies the update: dW = scaling * IDWT2(C). The paper uses 25 with learning rate 1e-4."),
-                io.Int.Input("steps", default=500, min=1, max=100000,
+                io.Int.Input("steps", default=D["steps"], min=1, max=100000,
                              tooltip="Optimizer steps. 500 at 1024 px is the paper's setting (hours without a GPU; try 100 at 512 px first)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False,
+                io.Float.Input("learning_rate", default=D["learning_rate"], min=1e-7, max=1.0, step=1e-5, round=False,
                                tooltip="AdamW learning rate of the coefficients."),
                 io.Int.Input("batch_size", default=1, min=1, max=64,
                              tooltip="Images per step (from one aspect bucket). More needs more memory."),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=256,
                              tooltip="Batches summed per optimizer step: a larger effective batch without more memory."),
-                io.Int.Input("resolution", default=1024, min=32, max=4096, step=8, tooltip="Images are resized and cropped to about this many pixels squared."),
-                io.Int.Input("seed", default=777, min=0, max=MAX_SEED, control_after_generate=True,
+                io.Int.Input("resolution", default=D["resolution"], min=32, max=4096, step=8, tooltip="Images are resized and cropped to about this many pixels squared."),
+                io.Int.Input("seed", default=D["seed"], min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Training randomness (noise, timesteps, order). Keep 'control after generate' on fixed (the default here): another seed is another run, so re-queueing would start over instead of continuing."),
                 io.String.Input("target_pattern", default=SDXL_ATTENTION_PATTERN, tooltip="Regex of the Linear layers to adapt."),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Less memory, about 30% slower."),
                 io.Combo.Input("precision", options=["auto", "bf16", "fp16", "no"], default="auto",
                                tooltip="Autocast. auto: the model's own half type on a GPU (bf16 where the card has it, else fp16; on a Mac fp16 where torch can loss-scale there), none on CPU."),
                 io.String.Input("name", default="waveft_subject", tooltip="Recorded in the adapter; names the file saved on Cancel and the checkpoints."),
-                io.Int.Input("save_every", default=SAVE_EVERY, min=0, max=100000, optional=True,
+                io.Int.Input("save_every", default=D["save_every"], min=0, max=100000, optional=True,
                              tooltip="Checkpoint every N steps (0: only on Cancel or an error) in models/waveft/checkpoints."),
                 io.Boolean.Input("resume", default=True, optional=True,
                                  tooltip="Continue this run (same model, images and settings) from its checkpoint, after a crash, an error or Cancel; off: start over."),

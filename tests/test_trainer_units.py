@@ -284,3 +284,15 @@ def test_plot_draws_with_a_bitmap_font_as_old_pillow_has(monkeypatch):
     monkeypatch.setattr(plot, "_font", lambda size: ImageFont.load_default_imagefont())
     image = plot.plot_losses([2.0, 1.0, 0.5], title="old pillow")
     assert image.shape == (256, 512, 3) and (image[:28] != 255).any()
+
+
+def test_both_hosts_training_uis_start_from_the_same_defaults():
+    """One source: the engine's and the method's defaults (2592 / db1 / 25 / 777 / 500 / 1e-4 / 1024)."""
+    from trainer import UI_DEFAULTS
+    from waveft_core import DEFAULT_SCALING, DEFAULT_WAVELET, WaveFTConfig
+
+    assert UI_DEFAULTS["budget"] == WaveFTConfig().n_frequency == 2592
+    assert (UI_DEFAULTS["wavelet"], UI_DEFAULTS["scaling"]) == (DEFAULT_WAVELET, DEFAULT_SCALING) == ("db1", 25.0)
+    settings = TrainSettings()
+    assert (UI_DEFAULTS["steps"], UI_DEFAULTS["learning_rate"], UI_DEFAULTS["seed"], UI_DEFAULTS["resolution"]) == (
+        settings.steps, settings.learning_rate, settings.seed, settings.resolution)

@@ -166,10 +166,10 @@ def test_list_and_load_images(tmp_path):
     (tmp_path / "imgs" / "notes.txt").write_text("x")
     (tmp_path / "imgs" / ".hidden.png").write_bytes(b"")
     assert train_data.list_images(tmp_path / "imgs") == paths
-    image = train_data.load_image(paths[0], 64)
-    assert image.size == (64, 64) and image.mode == "RGB"
+    image = train_data.load_image(paths[0], 64)  # below 256 px buckets go in 8 px steps, as in ComfyUI's node
+    assert image.size == (72, 56) and image.mode == "RGB"
     tensor = train_data.image_to_tensor(image)
-    assert tensor.shape == (1, 3, 64, 64) and 0 <= tensor.min() and tensor.max() <= 1
+    assert tensor.shape == (1, 3, 56, 72) and 0 <= tensor.min() and tensor.max() <= 1
     with pytest.raises(ValueError, match="no images"):
         train_data.list_images(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
@@ -201,7 +201,7 @@ def test_run_trains_saves_previews_and_restores_the_model(tmp_path):
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     result = train_a1111.run_training(request(paths), env.host)
     assert result.steps_done == 3 and not result.stopped and len(result.losses) == 3
-    assert train_a1111.settings_for(request(paths), "m").save_every == train_a1111.SAVE_EVERY > 0
+    assert train_a1111.settings_for(request(paths), "m").save_every == train_a1111.UI_DEFAULTS["save_every"] > 0
     saved = load_adapter(tmp_path / "Lora" / "my adapter.safetensors")
     assert set(saved.layers) == {f"lora_unet_input_blocks_4_1_transformer_blocks_0_{a}_{p}"
                                  for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out_0")}

@@ -19,13 +19,14 @@ from .data import TrainingData
 from .engine import NonFiniteLossError, TrainingStopped, TrainResult, train_waveft
 from .plot import encode_png, plot_losses
 from .progress import TextProgress
-from .settings import TrainSettings
+from .settings import UI_DEFAULTS, TrainSettings
 
 __all__ = [
     "NonFiniteLossError",
     "TextProgress",
     "TrainResult",
     "TrainSettings",
+    "UI_DEFAULTS",
     "TrainingData",
     "TrainingStopped",
     "block_checkpointing",

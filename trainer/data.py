@@ -12,6 +12,7 @@ with exactly the same batches, and nothing depends on torch's global RNG.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,3 +173,22 @@ class BatchSchedule:
             order = epoch_batches(self.buckets, self.batch_size, generator(self.seed, "order", epoch))
             self._epoch = (epoch, order)
         return self._epoch[1][position]
+
+
+def bucket_step(resolution: int) -> int:
+    """Bucket granularity: 64 px (SDXL's convention: latents are 1/8 of the image and the UNet halves them three
+    times) from 256 px up, else 8 px (the VAE's factor), so tiny test resolutions still get several sizes."""
+    return 64 if resolution >= 256 else 8
+
+
+def bucket_for(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """``(height, width)`` of an image's aspect bucket: its aspect ratio ``a = w / h``, about ``resolution^2``
+    pixels, ``w_b = round(sqrt(resolution^2 a) / step) * step`` and ``h_b`` likewise with ``1 / a``. The one
+    bucket rule of both hosts' training."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image of size {height}x{width}")
+    step = bucket_step(resolution)
+    aspect = width / height
+    bucket_w = max(step, round(math.sqrt(resolution * resolution * aspect) / step) * step)
+    bucket_h = max(step, round(math.sqrt(resolution * resolution / aspect) / step) * step)
+    return int(bucket_h), int(bucket_w)

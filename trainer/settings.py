@@ -192,3 +192,19 @@ def _native_bf16() -> bool:
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     except TypeError:  # torch < 2.4 has no including_emulation, and counts no emulation anyway
         return bool(torch.cuda.is_bf16_supported())
+
+
+# what the hosts' training UIs start from (ComfyUI's WaveFT Train, A1111's tab): one source, the engine's and
+# the method's own defaults, plus the hosts' checkpoint interval (a crash costs at most that many steps)
+HOST_SAVE_EVERY = 50
+UI_DEFAULTS: dict[str, object] = {
+    "instance_prompt": DEFAULT_INSTANCE_PROMPT,
+    "budget": core.WaveFTConfig().n_frequency,
+    "wavelet": core.WaveFTConfig().wavelet,
+    "scaling": core.WaveFTConfig().scaling,
+    "steps": TrainSettings.steps,
+    "learning_rate": TrainSettings.learning_rate,
+    "seed": TrainSettings.seed,
+    "resolution": TrainSettings.resolution,
+    "save_every": HOST_SAVE_EVERY,
+}

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..trainer import TrainingData, TrainResult, TrainSettings, block_checkpointing, state_path, train_waveft
+from ..trainer import (
+    UI_DEFAULTS,
+    TrainingData,
+    TrainResult,
+    TrainSettings,
+    block_checkpointing,
+    state_path,
+    train_waveft,
+)
 from ..waveft_core import WaveFTConfig, names
 from .train_data import (
     EncodeImage,
@@ -32,7 +40,6 @@ from .train_data import (
 
 SAFE_NAME = re.compile(r"^[\w][\w .+-]{0,100}$")
 PREVIEW_SIZE = 512
-SAVE_EVERY = 50  # adapter + resume state every 50 steps: a crash costs at most that much (resume continues)
 
 
 @dataclass
@@ -42,13 +49,13 @@ class TrainRequest:
     name: str
     prompt: str
     image_paths: list[Path]
-    budget: int = 2592
-    steps: int = 500
-    learning_rate: float = 1e-4
-    wavelet: str = "db1"
-    scaling: float = 25.0
-    seed: int = 777
-    resolution: int = 1024
+    budget: int = UI_DEFAULTS["budget"]  # type: ignore[assignment]
+    steps: int = UI_DEFAULTS["steps"]  # type: ignore[assignment]
+    learning_rate: float = UI_DEFAULTS["learning_rate"]  # type: ignore[assignment]
+    wavelet: str = UI_DEFAULTS["wavelet"]  # type: ignore[assignment]
+    scaling: float = UI_DEFAULTS["scaling"]  # type: ignore[assignment]
+    seed: int = UI_DEFAULTS["seed"]  # type: ignore[assignment]
+    resolution: int = UI_DEFAULTS["resolution"]  # type: ignore[assignment]
     resume: bool = False
     gradient_checkpointing: bool = True
 
@@ -103,7 +110,7 @@ def settings_for(request: TrainRequest, model_name: str) -> TrainSettings:
         gradient_checkpointing=bool(request.gradient_checkpointing),
         base_model_name=model_name,
         output_name=request.name.strip(),
-        save_every=SAVE_EVERY,
+        save_every=UI_DEFAULTS["save_every"],  # a crash costs at most that many steps (resume continues)
         waveft=waveft,
     )
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from ..trainer.data import bucket_for
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-SIZE_MULTIPLE = 64  # SDXL latents are 1/8 of the image and the UNet halves them three times
 MAX_IMAGE_PIXELS = 8192 * 8192  # a larger "image" in a training folder is refused, not decoded
 
 EncodeImage = Callable[[torch.Tensor], torch.Tensor]
@@ -42,10 +43,9 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def fit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """Bucket size for an image: about ``resolution**2`` pixels, its aspect ratio, multiples of 64."""
-    scale = (resolution * resolution / (width * height)) ** 0.5
-    fit = [max(SIZE_MULTIPLE, int(round(side * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE) for side in (width, height)]
-    return fit[0], fit[1]
+    """``(width, height)`` of an image's bucket: :func:`trainer.data.bucket_for`, the rule ComfyUI's node uses."""
+    bucket_h, bucket_w = bucket_for(height, width, resolution)
+    return bucket_w, bucket_h
 
 
 def load_image(path: str | Path, resolution: int) -> Image.Image:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..trainer import UI_DEFAULTS as D
 from ..trainer import TrainResult, plot_losses
 from ..waveft_core import supported_wavelets
 from .train_a1111 import TrainRequest, a1111_pieces, run_training
@@ -128,17 +129,17 @@ def create_tab() -> list[tuple[Any, str, str]]:
                 uploads = gr.File(label="Training images", file_count="multiple", file_types=["image"])
                 folder = gr.Textbox(label="...or an image folder on the server", placeholder="/path/to/images")
                 name = gr.Textbox(label="Adapter name (saved in models/Lora)", value="my_waveft")
-                prompt = gr.Textbox(label="Instance prompt", value="a photo of zjw dog")
+                prompt = gr.Textbox(label="Instance prompt", value=D["instance_prompt"])
                 with gr.Row():
-                    budget = gr.Number(label="Budget p per layer", value=2592, precision=0)
-                    steps = gr.Number(label="Steps", value=500, precision=0)
-                    lr = gr.Number(label="Learning rate", value=1e-4)
+                    budget = gr.Number(label="Budget p per layer", value=D["budget"], precision=0)
+                    steps = gr.Number(label="Steps", value=D["steps"], precision=0)
+                    lr = gr.Number(label="Learning rate", value=D["learning_rate"])
                 with gr.Row():
-                    wavelet = gr.Dropdown(label="Wavelet", choices=list(supported_wavelets()), value="db1")
-                    scaling = gr.Number(label="Scaling", value=25.0)
-                    seed = gr.Number(label="Seed", value=777, precision=0)
+                    wavelet = gr.Dropdown(label="Wavelet", choices=list(supported_wavelets()), value=D["wavelet"])
+                    scaling = gr.Number(label="Scaling", value=D["scaling"])
+                    seed = gr.Number(label="Seed", value=D["seed"], precision=0)
                 with gr.Row():
-                    resolution = gr.Slider(label="Resolution", minimum=256, maximum=1536, step=64, value=1024)
+                    resolution = gr.Slider(label="Resolution", minimum=256, maximum=1536, step=64, value=D["resolution"])
                     checkpointing = gr.Checkbox(label="Gradient checkpointing (less memory, ~30% slower)", value=True)
                     resume = gr.Checkbox(label="Continue a saved run of this name", value=False)
                 with gr.Row():
