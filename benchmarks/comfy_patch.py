@@ -50,7 +50,7 @@ def boot_comfy(path: str):
     pack = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = pack
     spec.loader.exec_module(pack)
-    weight_adapter = importlib.import_module(f"{pack.__name__}.nodes.weight_adapter")
+    weight_adapter = importlib.import_module(f"{pack.__name__}.waveft_core.comfy_protocol")
     adapter_class = weight_adapter.register(comfy.weight_adapter.adapters, comfy.weight_adapter.WeightAdapterBase)
     return mm, comfy, adapter_class, importlib.import_module(f"{pack.__name__}.waveft_core")
 

@@ -1,7 +1,7 @@
 """ComfyUI glue of the WaveFT pack: ``comfy_entrypoint`` (V3 node API) and the weight adapter.
 
-Importing this package needs no ComfyUI: :mod:`.weight_adapter` is shared with reForge / Forge Neo, which load
-it through ``webui_ext``. Everything that imports ``comfy`` / ``comfy_api`` is imported inside
+Importing this package needs no ComfyUI (the weight adapter, shared with reForge / Forge Neo, is
+:mod:`waveft_core.comfy_protocol`). Everything that imports ``comfy`` / ``comfy_api`` is imported inside
 :func:`comfy_entrypoint`, which only ComfyUI calls.
 """
 

@@ -1,7 +1,7 @@
 """ComfyUI plumbing of the loader nodes: register the adapter class and folder, turn layers into patches.
 
 The only path into a model is ComfyUI's own: ``clone()`` then ``add_patches`` with one
-:class:`~.weight_adapter.WaveFTAdapterMixin` object per weight, which ComfyUI evaluates lazily when it loads
+:class:`~waveft_core.comfy_protocol.WaveFTAdapterMixin` object per weight, which ComfyUI evaluates lazily when it loads
 that weight (or per forward in low-VRAM mode). The incoming model is never touched.
 """
 
@@ -20,10 +20,10 @@ import comfy.weight_adapter
 import folder_paths
 
 from ..waveft_core import LayerAdapter, clear_caches
+from ..waveft_core.comfy_protocol import register
 from . import paths
 from .adapter_files import is_core_trainer_file, read_adapter
 from .patches import PatchPlan, plan_patches, unet_key_map
-from .weight_adapter import register
 
 log = logging.getLogger("WaveFT")
 _STATE: dict[str, type] = {}  # module level: V3 node classes are locked while they execute

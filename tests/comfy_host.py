@@ -140,7 +140,7 @@ def _cleanup(work: Path) -> None:
 
 
 def pack_module(name: str) -> ModuleType:
-    """A submodule of the pack as ComfyUI loaded it, e.g. ``pack_module("nodes.weight_adapter")``."""
+    """A submodule of the pack as ComfyUI loaded it, e.g. ``pack_module("nodes.comfy_patching")``."""
     import importlib
 
     return importlib.import_module(f"{boot()['pack'].__name__}.{name}")

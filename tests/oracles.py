@@ -7,6 +7,7 @@ import numpy as np
 import pywt
 import torch
 
+from waveft_core.geometry import PatchLayout, patch_index
 from waveft_core.wavelets import grid_geometry
 
 
@@ -58,3 +59,12 @@ def peft_delta(coef, positions, shape, wavelet, scaling) -> torch.Tensor:
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach().double(), expected.detach().double()
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def coef_grad_from_weight_grad(
+    grad_weight: torch.Tensor, layout: PatchLayout, wavelet: str, scaling: float
+) -> torch.Tensor:
+    """Adjoint of :func:`add_delta_`: ``dL/dc_k = s * <patch_k, dL/dW>`` (a reference for tests)."""
+    index = patch_index(layout, wavelet, grad_weight.device)
+    picked = grad_weight.to(torch.float32)[index.rows, index.cols]
+    return (picked * index.taps).sum(dim=(1, 2)) * float(scaling)

@@ -365,7 +365,7 @@ def test_unloading_a_waveft_model_releases_the_shared_caches(host, base):
     from comfy_host import pack_module
     from safetensors.torch import save_file
 
-    cache = pack_module("waveft_core.adapter_file")._seeded_patch_index
+    cache = pack_module("waveft_core.plans").seeded_patch_index
     tensors, _ = _file_tensors(base, seed=10)
     save_file(tensors, str(host["work"] / "models" / "loras" / "unload_me.safetensors"))
     (patched,) = host["nodes"].NODE_CLASS_MAPPINGS["WaveFTLoaderModelOnly"].execute(base, "unload_me.safetensors", 1.0).args

@@ -18,6 +18,10 @@ from safetensors.torch import save_file
 from waveft_core import LayerAdapter
 
 
+def _core(name: str):
+    return importlib.import_module(f"{load_pack().__name__}.waveft_core.{name}")
+
+
 def _glue(name: str):
     return importlib.import_module(f"{load_pack().__name__}.nodes.{name}")
 
@@ -32,7 +36,7 @@ class FakeBase:
 
 @pytest.fixture
 def adapter_class():
-    return _glue("weight_adapter").make_adapter_class(FakeBase)
+    return _core("comfy_protocol").make_adapter_class(FakeBase)
 
 
 def _layer(shape=(24, 20), p=30, wavelet="db1", seed=4, scaling=25.0) -> LayerAdapter:
@@ -137,7 +141,7 @@ def test_adapter_refuses_weights_it_cannot_use(adapter_class):
 
 
 def test_register_is_idempotent():
-    weight_adapter = _glue("weight_adapter")
+    weight_adapter = _core("comfy_protocol")
     adapters: list[type] = [FakeBase]
     first = weight_adapter.register(adapters, FakeBase)
     second = weight_adapter.register(adapters, FakeBase)
@@ -385,7 +389,7 @@ class FakeTrainBase(torch.nn.Module):
 
 @pytest.fixture
 def train_class():
-    return _glue("weight_adapter").make_adapter_class(FakeBase, FakeTrainBase)
+    return _core("comfy_protocol").make_adapter_class(FakeBase, FakeTrainBase)
 
 
 def test_core_trainer_layer_starts_as_a_no_op_with_loras_parameter_count(train_class):
@@ -453,7 +457,7 @@ def test_float_stored_integers_that_are_not_exact_are_refused():
 
 
 def test_register_offers_waveft_to_the_core_trainer(train_class):
-    weight_adapter = _glue("weight_adapter")
+    weight_adapter = _core("comfy_protocol")
     adapters: list[type] = []
     algorithms = {"LoRA": FakeBase}
     registered = weight_adapter.register(adapters, FakeBase, FakeTrainBase, algorithms)

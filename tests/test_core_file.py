@@ -216,11 +216,11 @@ def test_random_corruption_never_escapes_as_another_error(tmp_path):
 def test_add_to_is_the_same_update_by_scatter_or_dense(monkeypatch, wavelet, dense, dtype):
     """Long filters (taps over half the weight's entries) build dW densely from the separable factors, without
     the p L^2 tap index; the update is the same as painting the taps, rounded once."""
-    import waveft_core.adapter_file as adapter_file
+    import waveft_core.plans as plans
 
     built = []
-    monkeypatch.setattr(adapter_file, "patch_index", lambda *a: built.append(a) or _real_patch_index(*a))
-    adapter_file._seeded_patch_index.cache_clear()
+    monkeypatch.setattr(plans, "patch_index", lambda *a: built.append(a) or _real_patch_index(*a))
+    plans.seeded_patch_index.cache_clear()
     layer = _layer(coef=torch.randn(600) * 0.01, shape=(320, 256), wavelet=wavelet)
     weight = torch.randn(320, 256).to(dtype)
     painted = add_delta_(torch.zeros(320, 256), layer.coef, layer.flat_positions(), wavelet, 25.0 * 0.5)
@@ -231,7 +231,7 @@ def test_add_to_is_the_same_update_by_scatter_or_dense(monkeypatch, wavelet, den
 
 
 def _real_patch_index(*args):
-    from waveft_core.functional import patch_index
+    from waveft_core.geometry import patch_index
 
     return patch_index(*args)
 
@@ -320,7 +320,7 @@ def test_applying_a_long_filter_layer_keeps_no_index_larger_than_the_weight(monk
     def no_index(*args, **kwargs):
         raise AssertionError("a dense-built layer must not build a tap index")
 
-    monkeypatch.setattr(adapter_file, "_seeded_patch_index", no_index)
+    monkeypatch.setattr(adapter_file, "seeded_patch_index", no_index)
     layer = LayerAdapter(torch.randn(5600) * 1e-3, (640, 640), 25.0, "coif17", seed=1)
     assert dense_is_cheaper(5600, "coif17", (640, 640))
     weight = torch.zeros(640, 640)

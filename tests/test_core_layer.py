@@ -38,7 +38,9 @@ def _dense_reference(layer: WaveFTLinear, x: torch.Tensor, grad: torch.Tensor):
         y = x64 @ (layer.base.weight.double() + dense).T + layer.base.bias.double()
         y.backward(grad.double())
         grad_w = grad.double().reshape(-1, shape[0]).T @ x.detach().double().reshape(-1, shape[1])
-        from waveft_core.functional import coef_grad_from_weight_grad, patch_layout
+        from oracles import coef_grad_from_weight_grad
+
+        from waveft_core.geometry import patch_layout
         layout = patch_layout(positions, shape, layer.wavelet)
         return y, x64.grad, coef_grad_from_weight_grad(grad_w, layout, layer.wavelet, layer.scaling)
     x64 = x.detach().double().requires_grad_(True)
@@ -306,7 +308,7 @@ def test_layers_with_the_same_positions_share_one_plan():
 def test_clear_caches_drops_shared_plans_and_indices_for_a_device():
     """What hosts call when they unload a model: nothing WaveFT built for it stays cached."""
     from waveft_core import LayerAdapter, clear_caches, plans
-    from waveft_core.adapter_file import _seeded_patch_index
+    from waveft_core.plans import seeded_patch_index as _seeded_patch_index
 
     layer = LayerAdapter(torch.randn(20), (32, 24), 25.0, "db2", seed=3)
     layer.add_to_(torch.zeros(32, 24), 1.0)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import pywt
 import torch
-from oracles import pywt_delta, rel_error
+from oracles import coef_grad_from_weight_grad, pywt_delta, rel_error
 from trainer_toys import ToyDenoiser, toy_data, toy_denoise, toy_prefix, toy_settings
 
 import waveft_core.plans as plans
 import waveft_core.portable_ops as portable_ops
 from trainer import train_waveft
 from waveft_core import WaveFTLinear
-from waveft_core.functional import coef_grad_from_weight_grad, patch_layout
+from waveft_core.geometry import patch_layout
 from waveft_core.portable_ops import PortablePlan, analyse, build_portable_plan, synthesise
 from waveft_core.positions import sample_positions
 from waveft_core.sparse_ops import SparsePlan

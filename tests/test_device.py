@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from oracles import rel_error
+from oracles import coef_grad_from_weight_grad, rel_error
 from trainer_toys import ToyDenoiser, toy_data, toy_denoise, toy_prefix, toy_settings
 
 import waveft_core.plans as plans
@@ -19,7 +19,7 @@ import waveft_core.portable_ops as portable_ops
 import waveft_core.sparse_ops as sparse_ops
 from trainer import train_waveft
 from waveft_core import WaveFTLinear, add_delta_, delta_weight, load_adapter
-from waveft_core.functional import coef_grad_from_weight_grad, patch_layout
+from waveft_core.geometry import patch_layout
 
 DEVICE = torch.device(os.environ.get("WAVEFT_TEST_DEVICE", "cuda"))
 

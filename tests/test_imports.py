@@ -52,3 +52,51 @@ def test_requirements_never_name_torch():
     lines = (ROOT / "requirements.txt").read_text().splitlines()
     names = [line.split("=")[0].split(">")[0].split("<")[0].strip().lower() for line in lines if line and line[0] != "#"]
     assert not {"torch", "torchvision", "torchaudio"} & set(names)
+
+
+def _imports_of(path) -> set[str]:
+    """Modules of the same package a file imports, at any depth of the file (function-level imports too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_the_core_reads_top_down_without_an_import_cycle():
+    """``waveft_core``'s modules form a DAG (geometry below the kernel families, plans above them, the file
+    layer above the plans): a newcomer can read it bottom-up, and a new kernel family slots in beside them."""
+    package = ROOT / "waveft_core"
+    graph = {path.stem: _imports_of(path) & {p.stem for p in package.glob("*.py")} for path in package.glob("*.py")}
+    graph.pop("__init__")
+    graph.pop("__main__", None)
+    state: dict[str, int] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        if state.get(module) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join([*trail, module])}")
+        if state.get(module) == 2:
+            return
+        state[module] = 1
+        for imported in sorted(graph.get(module, ())):
+            if imported != "__init__":
+                visit(imported, [*trail, module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_no_host_glue_imports_the_other_hosts_glue():
+    """ComfyUI's nodes and the WebUI glue share code only through host-free modules."""
+    import re
+
+    for glue, other in (("nodes", "webui_ext"), ("webui_ext", "nodes")):
+        for path in (ROOT / glue).glob("*.py"):
+            text = path.read_text()
+            assert not re.search(rf"from \.\.{other}\b|import {other}\b|\"{other}\.|'{other}\.", text), f"{glue}/{path.name} uses {other}"

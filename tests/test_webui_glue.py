@@ -210,23 +210,20 @@ def test_forge_collection_claims_waveft_and_delegates_the_rest():
     torch.testing.assert_close(weight, 2.0 * layer().delta_weight())
 
 
-def test_comfy_style_registration_uses_the_node_packs_adapter_once():
+def test_comfy_style_registration_uses_comfyuis_adapter_once():
     base = type("WeightAdapterBase", (), {})
     weight_adapter = fake("weight_adapter", WeightAdapterBase=base, adapters=[type("LoRAAdapter", (base,), {})])
-    registrar = comfy_style.adapter_registrar(PACK)
-    assert registrar is not None  # nodes/weight_adapter.py imports no host code
-    assert comfy_style.register(weight_adapter, registrar, "reforge")
-    assert comfy_style.register(weight_adapter, registrar, "reforge")  # "Reload UI"
+    assert comfy_style.register(weight_adapter, "reforge")
+    assert comfy_style.register(weight_adapter, "reforge")  # "Reload UI"
     assert [a.__name__ for a in weight_adapter.adapters] == ["LoRAAdapter", "WaveFTAdapter"]
     assert issubclass(weight_adapter.adapters[1], base) and weight_adapter.adapters[1].name == "waveft"
 
 
-def test_comfy_style_without_an_adapter_is_one_log_line(caplog):
-    weight_adapter = fake("weight_adapter", WeightAdapterBase=object, adapters=[])
+def test_comfy_style_without_an_adapter_list_is_one_log_line(caplog):
+    weight_adapter = fake("weight_adapter", WeightAdapterBase=object)
     with caplog.at_level(logging.WARNING, logger="waveft"):
-        assert comfy_style.adapter_registrar("no_such_pack_anywhere") is None
-        assert not comfy_style.register(weight_adapter, None, "reforge")
-    assert weight_adapter.adapters == [] and "will not apply" in caplog.text
+        assert not comfy_style.register(weight_adapter, "reforge")
+    assert "will not apply" in caplog.text
 
 
 # ----------------------------------------------------------------------------- prompt tags, infotext, X/Y/Z

@@ -2,7 +2,7 @@
 
 reForge loads LoRA files with ComfyUI's ``load_lora``/``calculate_weight`` and a ``weight_adapter.adapters``
 list; WaveFT's adapter is the ComfyUI node pack's, built on reForge's base class by
-``nodes.weight_adapter.register``. Third-party packages reForge imports but these tests do not use
+``waveft_core.comfy_protocol.register``. Third-party packages reForge imports but these tests do not use
 (transformers, einops ...) are stubbed by a meta-path finder while the fixture is active.
 """
 
@@ -96,9 +96,6 @@ def reforge(monkeypatch):
         import ldm_patched.modules.weight_adapter as weight_adapter
 
         webui_ext = __import__(f"{load_pack(PACK).__name__}.webui_ext", fromlist=["x"])
-        comfy_style = __import__(f"{PACK}.webui_ext.comfy_style", fromlist=["x"])
-        if comfy_style.adapter_registrar(PACK) is None:
-            pytest.skip("the ComfyUI glue has no nodes.weight_adapter.register")
         monkeypatch.setitem(sys.modules, "modules_forge", ModuleType("modules_forge"))  # reForge has it
         host = webui_ext.detect_host()
         assert host.kind == "reforge" and host.hook is weight_adapter

@@ -28,7 +28,8 @@ from .adapter_file import (
     save_tensors_atomic,
 )
 from .config import SDXL_ATTENTION_PATTERN, WaveFTConfig, proportional_budgets
-from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight, patch_layout, with_delta
+from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight, with_delta
+from .geometry import patch_layout
 from .layer import WaveFTLinear, waveft_delta, waveft_linear
 from .model import attach_waveft, detach_waveft, export_layers, set_strength, waveft_layers
 from .plans import clear_caches

@@ -20,7 +20,6 @@ dtype: half-precision coefficients and scale are widened, and float-stored integ
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import json
 import math
@@ -38,10 +37,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .functional import PatchIndex, add_delta_, delta_weight, dense_is_cheaper, patch_index, patch_layout
+from .functional import add_delta_, delta_weight, dense_is_cheaper
+from .geometry import PatchIndex, patch_index, patch_layout
 from .layer import waveft_delta
 from .names import printable
-from .plans import dense_delta, shared_plan
+from .plans import dense_delta, seeded_patch_index, shared_plan
 from .positions import check_positions, sample_positions
 from .wavelets import check_wavelet
 
@@ -63,12 +63,6 @@ _HEADER_SPEC = {  # suffix -> (safetensors dtype, rank)
     "waveft_seed": ("I64", 0),
     "waveft_pos": ("I64", 1),
 }
-
-
-@functools.lru_cache(maxsize=64)
-def _seeded_patch_index(shape: tuple[int, int], p: int, seed: int, wavelet: str, device: torch.device) -> PatchIndex:
-    positions = sample_positions(shape[0], shape[1], p, seed).to(device)
-    return patch_index(patch_layout(positions, shape, wavelet), wavelet, device)
 
 
 class AdapterFileError(ValueError):
@@ -133,7 +127,7 @@ class LayerAdapter:
     def patch_index(self, device: torch.device) -> PatchIndex:
         """Scatter geometry on ``device``, shared by all seeded layers of the same shape and budget."""
         if self.positions is None:
-            return _seeded_patch_index(tuple(self.shape), self.num_params, self.seed, self.wavelet, torch.device(device))
+            return seeded_patch_index(tuple(self.shape), self.num_params, self.seed, self.wavelet, torch.device(device))
         key = ("patches", torch.device(device))
         if key not in self._cache:
             layout = patch_layout(self.positions.to(device), self.shape, self.wavelet)

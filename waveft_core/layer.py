@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, autocast_enabled, delta_weight
+from ._torch_compat import autocast_enabled
+from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight
 from .plans import Plan, delta_backward, delta_forward, shared_plan
 from .positions import DEFAULT_SEED, check_positions, sample_positions
 from .wavelets import check_wavelet

@@ -16,7 +16,9 @@ from collections import OrderedDict
 import torch
 
 from . import portable_ops, sparse_ops
+from .geometry import PatchIndex, patch_index, patch_layout
 from .portable_ops import PortablePlan, build_portable_plan
+from .positions import sample_positions
 from .sparse_ops import SparsePlan, build_plan
 
 Plan = SparsePlan | PortablePlan
@@ -25,26 +27,9 @@ log = logging.getLogger("WaveFT")
 
 @functools.cache
 def sparse_kernels_work(device: torch.device) -> bool:
-    """Whether ``device`` runs the CSR product and the sampled product used here, and gets them right.
-
-    Probed once per device on a 2 x 3 problem against the dense result: backends without sparse CSR
-    support raise (MPS: "Could not run 'new_compressed_tensor'"), and a wrong answer counts as no support.
-    """
-    try:
-        pattern = sparse_ops._csr(
-            torch.tensor([0, 2, 3], device=device), torch.tensor([0, 2, 1], device=device),
-            torch.tensor([1.0, 2.0, 3.0], device=device), (2, 3),
-        )
-        dense = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]])
-        rhs = torch.arange(12.0).reshape(3, 4)
-        product = sparse_ops._spmm(pattern, rhs.to(device)).cpu()
-        lhs = torch.arange(8.0).reshape(2, 4)
-        sampled = torch.sparse.sampled_addmm(pattern, lhs.to(device), rhs.t().to(device), beta=0.0).values().cpu()
-        expected = (lhs @ rhs.t())[dense != 0]
-        works = torch.allclose(product, dense @ rhs) and torch.allclose(sampled, expected)
-        reason = "wrong results"
-    except (RuntimeError, NotImplementedError, TypeError) as error:  # what a backend without a kernel raises
-        works, reason = False, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    """Whether ``device`` has working CSR kernels (:func:`waveft_core.sparse_ops.kernels_work`), asked once;
+    logs the fallback to the portable kernels."""
+    works, reason = sparse_ops.kernels_work(device)
     if not works:
         log.info("sparse CSR kernels unavailable on %s (%s); WaveFT uses its portable kernels there", device, reason)
     return works
@@ -104,12 +89,17 @@ def dense_delta(coef: torch.Tensor, plan: Plan, scaling: float) -> torch.Tensor:
     return sparse_ops.dense_delta(coef, plan, scaling)
 
 
+@functools.lru_cache(maxsize=64)
+def seeded_patch_index(shape: tuple[int, int], p: int, seed: int, wavelet: str, device: torch.device) -> PatchIndex:
+    """The weight-patch index of seeded positions, shared by every layer drawn alike (the 64 most recent)."""
+    positions = sample_positions(shape[0], shape[1], p, seed).to(device)
+    return patch_index(patch_layout(positions, shape, wavelet), wavelet, device)
+
+
 def clear_caches(device: torch.device | str | None = None) -> None:
     """Drop the shared kernel plans and patch indices (those on ``device``, or all): what a host calls when it
     unloads a model, so no device memory outlives it. The next use rebuilds them (milliseconds per shape)."""
-    from . import adapter_file  # the file layer sits above the plans
-
     target = None if device is None else torch.device(device)
     for key in [k for k in _SHARED_PLANS if target is None or k[2] == target]:
         del _SHARED_PLANS[key]
-    adapter_file._seeded_patch_index.cache_clear()  # an lru_cache cannot drop one device's entries
+    seeded_patch_index.cache_clear()  # an lru_cache cannot drop one device's entries

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .functional import LayerPlan, autocast_enabled, patch_layout
+from ._torch_compat import autocast_enabled
+from .geometry import LayerPlan, patch_layout
 from .wavelets import synthesis_filters
 
 CHUNK_ELEMENTS = 1 << 22  # per temporary: 16 MB of float32

@@ -40,8 +40,7 @@ def install_loader(host: Host) -> bool:
         return True
     from . import comfy_style
 
-    package = __name__.rpartition(".")[0]
-    return comfy_style.register(host.hook, comfy_style.adapter_registrar(package), host.kind)
+    return comfy_style.register(host.hook, host.kind)
 
 
 def register_callbacks(host: Host) -> None:

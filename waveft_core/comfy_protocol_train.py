@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..waveft_core import DEFAULT_SCALING, DEFAULT_WAVELET, LayerAdapter, with_delta
+from .adapter_file import LayerAdapter
+from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, with_delta
 
 # the seed of the positions of layers the core trainer creates: exact in bf16, its default LoRA dtype
 # (777, the method's default, is not), so the saved file names the positions it was trained with

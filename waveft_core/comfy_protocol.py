@@ -6,8 +6,8 @@ WaveFT layer answers with a sparse scatter of its ``p`` wavelet patches straight
 no dense ``dW``, nothing kept per model, so it is as cheap in low-VRAM mode as at load time.
 
 The class is built by :func:`make_adapter_class` on whatever base class the host has -- ComfyUI's
-``comfy.weight_adapter.WeightAdapterBase`` or the vendored copies in reForge / Forge Neo (see
-``webui_ext/comfy_style.py``) -- so this module imports no host code.
+``comfy.weight_adapter.WeightAdapterBase`` or the vendored copies in reForge / Forge Neo -- so this module
+imports no host code, and both glues (``nodes/``, ``webui_ext/``) import it like any core module.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ..waveft_core import SUFFIXES, AdapterFileError, LayerAdapter, layer_from_tensors
-from ..waveft_core.names import printable
-from .weight_adapter_train import conv_delta, make_train_class, matrix_view
+from .adapter_file import SUFFIXES, AdapterFileError, LayerAdapter, layer_from_tensors
+from .comfy_protocol_train import conv_delta, make_train_class, matrix_view
+from .names import printable
 
 log = logging.getLogger("WaveFT")
 MARKER = "is_waveft_adapter"  # class attribute that identifies our adapter classes in a host's list

@@ -1,0 +1,13 @@
+"""Shims for the torch versions the hosts ship (A1111 1.10 runs torch 2.1; ComfyUI and Forge run 2.4+)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``, on every torch the hosts ship (A1111 1.10 has 2.1)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument, only per-device functions
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
