@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_pack
+from packs import load_pack
 from safetensors.torch import save_file
 
 from waveft_core import LayerAdapter

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT
+from packs import ROOT
 
 HOST_MODULES = ("comfy", "comfy_api", "folder_paths", "modules", "gradio", "nodes")
 
@@ -18,7 +18,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_core_and_trainer_import_no_host_module():
     result = _run(f"""
         import sys
-        import waveft_core, trainer
+        import waveft_core, waveft_core.cli, waveft_core.convert, waveft_core.comfy_protocol
+        import trainer, trainer.demo, trainer.engine, trainer.checkpoint, trainer.plot, trainer.__main__
         leaked = [m for m in {HOST_MODULES!r} if m in sys.modules]
         assert not leaked, leaked
     """)
@@ -30,7 +31,7 @@ def test_pack_loads_under_any_name_without_comfyui():
     result = _run("""
         import sys
         sys.path.insert(0, "tests")
-        from conftest import load_pack
+        from packs import load_pack
         pack = load_pack("ComfyUI-WaveFT-main")
         import importlib
         core = importlib.import_module("ComfyUI-WaveFT-main.waveft_core")
@@ -42,10 +43,10 @@ def test_pack_loads_under_any_name_without_comfyui():
 
 
 def test_python_dash_m_entry_points():
-    for module in ("waveft_core", "trainer"):
-        result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
-        assert result.returncode == 0, (module, result.stderr)
-        assert "usage" in result.stdout.lower()
+    for command, expected in ((["waveft_core", "--help"], "usage"), (["trainer", "demo", "--help"], "--steps")):
+        result = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, (command, result.stderr)
+        assert expected in result.stdout.lower(), command
 
 
 def test_requirements_never_name_torch():

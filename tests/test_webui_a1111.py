@@ -20,7 +20,7 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_pack, restore_modules
+from packs import load_pack, restore_modules
 from safetensors.torch import load_file, save_file
 from torch import nn
 

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from conftest import load_pack, restore_modules
+from packs import load_pack, restore_modules
 from safetensors.torch import load_file
 
 from waveft_core import LayerAdapter, load_adapter, save_adapter

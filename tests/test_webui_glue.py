@@ -13,7 +13,7 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, load_pack
+from packs import ROOT, load_pack
 
 from waveft_core import LayerAdapter
 

@@ -18,7 +18,7 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_pack
+from packs import load_pack
 from safetensors.torch import load_file
 
 from waveft_core import LayerAdapter, load_adapter, save_adapter

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_pack
+from packs import load_pack
 from PIL import Image
 from torch import nn
 
