@@ -25,7 +25,6 @@ from waveft_core import WaveFTConfig, load_adapter
 from waveft_core.names import kohya_name, sdxl_attention_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST_MODULES = ("comfy", "comfy_api", "folder_paths", "modules", "gradio", "nodes", "server", "execution")
 
 
 def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

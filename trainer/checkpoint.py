@@ -206,21 +206,8 @@ def file_prefixes(names: Iterable[str], name_to_prefix: Callable[[str], str]) ->
 def export_adapter(
     layers: Mapping[str, core.WaveFTLinear], name_to_prefix: Callable[[str], str]
 ) -> dict[str, core.LayerAdapter]:
-    """The trained layers as ``{kohya prefix: LayerAdapter}`` (the file's keys).
-
-    Positions are stored as the seed: :func:`waveft_core.attach_waveft` always draws them from it.
-    """
-    exported: dict[str, core.LayerAdapter] = {}
-    for name, prefix in file_prefixes(layers, name_to_prefix).items():
-        layer = layers[name]
-        exported[prefix] = core.LayerAdapter(
-            coef=layer.coef.detach().to("cpu", torch.float32).clone(),
-            shape=layer.shape,
-            scaling=layer.scaling,
-            wavelet=layer.wavelet,
-            seed=layer.seed,
-        )
-    return exported
+    """The trained layers as ``{kohya prefix: LayerAdapter}`` (the file's keys), by :func:`core.export_layer`."""
+    return {prefix: core.export_layer(layers[name]) for name, prefix in file_prefixes(layers, name_to_prefix).items()}
 
 
 def training_metadata(settings: Any, data: Any, steps_done: int, num_params: int, output_name: str) -> dict[str, str]:

@@ -31,7 +31,7 @@ from .config import SDXL_ATTENTION_PATTERN, WaveFTConfig, proportional_budgets
 from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight, with_delta
 from .geometry import patch_layout
 from .layer import WaveFTLinear, waveft_delta, waveft_linear
-from .model import attach_waveft, detach_waveft, export_layers, set_strength, waveft_layers
+from .model import attach_waveft, detach_waveft, export_layer, export_layers, set_strength, waveft_layers
 from .plans import clear_caches
 from .positions import DEFAULT_SEED, sample_positions
 from .sparse_ops import SparsePlan, build_plan
@@ -65,6 +65,7 @@ __all__ = [
     "waveft_linear",
     "attach_waveft",
     "detach_waveft",
+    "export_layer",
     "export_layers",
     "set_strength",
     "waveft_layers",

@@ -60,19 +60,22 @@ def waveft_layers(model: nn.Module) -> dict[str, WaveFTLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, WaveFTLinear)}
 
 
+def export_layer(layer: WaveFTLinear) -> LayerAdapter:
+    """One trained layer as a file-ready :class:`LayerAdapter` (positions stored as the seed when they are the
+    seed's, else explicitly)."""
+    return LayerAdapter(
+        coef=layer.coef.detach().to("cpu", torch.float32).clone(),
+        shape=layer.shape,
+        scaling=layer.scaling,
+        wavelet=layer.wavelet,
+        seed=layer.seed,
+        positions=None if _positions_from_seed(layer) else layer.positions.clone(),
+    )
+
+
 def export_layers(model: nn.Module) -> dict[str, LayerAdapter]:
     """The trained layers of ``model`` as file-ready :class:`LayerAdapter` objects, keyed by module name."""
-    return {
-        name: LayerAdapter(
-            coef=layer.coef.detach().to("cpu", torch.float32).clone(),
-            shape=layer.shape,
-            scaling=layer.scaling,
-            wavelet=layer.wavelet,
-            seed=layer.seed,
-            positions=None if _positions_from_seed(layer) else layer.positions.clone(),
-        )
-        for name, layer in waveft_layers(model).items()
-    }
+    return {name: export_layer(layer) for name, layer in waveft_layers(model).items()}
 
 
 def _positions_from_seed(layer: WaveFTLinear) -> bool:
