@@ -304,7 +304,7 @@ def test_small_json_reader_refuses_devices_fifos_huge_and_deep_files(tmp_path):
 def test_applying_a_long_filter_layer_keeps_no_index_larger_than_the_weight(monkeypatch):
     """The memory bomb: coif17 on SDXL's largest Linear with a budget just under the old dense switch built a
     290 MB tap index per layer; what applying a layer keeps is now bounded by a float32 copy of its weight."""
-    import waveft_core.adapter_file as adapter_file
+    import waveft_core.adapter as adapter_module
     from waveft_core import filter_length
     from waveft_core.functional import INDEX_BYTES_PER_TAP, dense_is_cheaper
 
@@ -320,7 +320,7 @@ def test_applying_a_long_filter_layer_keeps_no_index_larger_than_the_weight(monk
     def no_index(*args, **kwargs):
         raise AssertionError("a dense-built layer must not build a tap index")
 
-    monkeypatch.setattr(adapter_file, "seeded_patch_index", no_index)
+    monkeypatch.setattr(adapter_module, "seeded_patch_index", no_index)
     layer = LayerAdapter(torch.randn(5600) * 1e-3, (640, 640), 25.0, "coif17", seed=1)
     assert dense_is_cheaper(5600, "coif17", (640, 640))
     weight = torch.zeros(640, 640)

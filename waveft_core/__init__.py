@@ -6,7 +6,7 @@ Public API (everything the hosts' glue and the trainer may call):
   :func:`supported_wavelets`;
 * modules: :class:`WaveFTLinear`, :func:`attach_waveft`, :func:`detach_waveft`, :func:`export_layers`;
 * settings: :class:`WaveFTConfig`, :func:`proportional_budgets`;
-* files: :class:`LayerAdapter`, :class:`AdapterFile`, :func:`save_adapter`, :func:`load_adapter`,
+* layers and files: :class:`LayerAdapter`, :class:`AdapterFile`, :func:`save_adapter`, :func:`load_adapter`,
   :func:`layer_from_tensors`, :class:`AdapterFileError`;
 * names: :mod:`waveft_core.names` (SDXL ldm / diffusers / kohya spellings).
 

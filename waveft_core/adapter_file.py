@@ -30,19 +30,16 @@ import struct
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .functional import add_delta_, delta_weight, dense_is_cheaper
-from .geometry import PatchIndex, patch_index, patch_layout
-from .layer import waveft_delta
-from .names import printable
-from .plans import dense_delta, seeded_patch_index, shared_plan
-from .positions import check_positions, sample_positions
+from .adapter import LayerAdapter
+from .errors import AdapterFileError
+from .positions import check_positions
 from .wavelets import check_wavelet
 
 FORMAT_VERSION = "1"
@@ -63,96 +60,6 @@ _HEADER_SPEC = {  # suffix -> (safetensors dtype, rank)
     "waveft_seed": ("I64", 0),
     "waveft_pos": ("I64", 1),
 }
-
-
-class AdapterFileError(ValueError):
-    """A WaveFT file or layer is malformed; the message names the file and key (control characters from
-    the file escaped, so a hostile name cannot forge a log line or reach a terminal)."""
-
-    def __init__(self, message: object) -> None:
-        super().__init__(printable(message))
-
-
-@dataclass
-class LayerAdapter:
-    """One adapted layer: ``dW = scaling * IDWT2(C)``, ``C`` holding ``coef`` at the layer's positions."""
-
-    coef: torch.Tensor
-    shape: tuple[int, int]
-    scaling: float
-    wavelet: str
-    seed: int | None = None
-    positions: torch.Tensor | None = None
-    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    @property
-    def num_params(self) -> int:
-        return int(self.coef.numel())
-
-    def with_coef(self, coef: torch.Tensor) -> LayerAdapter:
-        """This layer with other storage for its coefficients (a host's copy moved to a device or cast).
-
-        The twin shares the geometry caches: they depend on positions, shape and wavelet, never on ``coef``,
-        so a host that rebuilds the layer on every forward does not rebuild its patch index.
-        """
-        twin = replace(self, coef=coef)
-        twin._cache = self._cache
-        return twin
-
-    def flat_positions(self) -> torch.Tensor:
-        if self.positions is not None:
-            return self.positions
-        assert self.seed is not None
-        return sample_positions(self.shape[0], self.shape[1], self.num_params, self.seed)
-
-    def delta_weight(self) -> torch.Tensor:
-        return delta_weight(self.coef, self.flat_positions(), self.shape, self.wavelet, self.scaling)
-
-    def add_to_(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        """``weight += strength * dW`` in place: a sparse scatter of the ``p L^2`` taps (see
-        :func:`waveft_core.add_delta_`), or for long filters, whose taps number over half the weight's entries,
-        a dense ``dW`` from the separable factors (faster there, and no tap index: coif17's is ~1 GB per SDXL
-        layer shape); half precision is summed in float32 and rounded once either way."""
-        if tuple(weight.shape) != tuple(self.shape):
-            raise AdapterFileError(f"adapter is for a {self.shape} weight, the model's is {tuple(weight.shape)}")
-        if dense_is_cheaper(self.num_params, self.wavelet, self.shape):
-            plan = shared_plan(self.flat_positions(), self.shape, self.wavelet, weight.device)
-            delta = dense_delta(self.coef.to(weight.device), plan, self.scaling * float(strength))
-            with torch.no_grad():
-                weight.copy_(weight.to(torch.float32) + delta)
-            return weight
-        index = self.patch_index(weight.device)
-        return add_delta_(weight, self.coef, index.flat, self.wavelet, self.scaling, strength, index=index)
-
-    def patch_index(self, device: torch.device) -> PatchIndex:
-        """Scatter geometry on ``device``, shared by all seeded layers of the same shape and budget."""
-        if self.positions is None:
-            return seeded_patch_index(tuple(self.shape), self.num_params, self.seed, self.wavelet, torch.device(device))
-        key = ("patches", torch.device(device))
-        if key not in self._cache:
-            layout = patch_layout(self.positions.to(device), self.shape, self.wavelet)
-            self._cache[key] = patch_index(layout, self.wavelet, device)
-        return self._cache[key]
-
-    def activation_delta(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        """``strength * x dW^T`` from the activations, never forming ``dW`` (bypass-style application)."""
-        if x.device not in self._cache:
-            self._cache[x.device] = shared_plan(self.flat_positions(), self.shape, self.wavelet, x.device)
-        coef = self.coef.to(x.device)
-        return waveft_delta(x, coef, self._cache[x.device], self.scaling * float(strength))
-
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {
-            f"{prefix}.waveft_coef": self.coef.detach().to("cpu", torch.float32).contiguous(),
-            f"{prefix}.waveft_shape": torch.tensor(self.shape, dtype=torch.int64),
-            f"{prefix}.waveft_scale": torch.tensor(float(self.scaling), dtype=torch.float32),
-            f"{prefix}.waveft_wavelet": torch.tensor(list(self.wavelet.encode("ascii")), dtype=torch.uint8),
-        }
-        if self.positions is not None:
-            out[f"{prefix}.waveft_pos"] = self.positions.detach().to("cpu", torch.int64).contiguous()
-        else:
-            out[f"{prefix}.waveft_seed"] = torch.tensor(int(self.seed), dtype=torch.int64)  # type: ignore[arg-type]
-        return out
 
 
 @dataclass

@@ -17,6 +17,8 @@ patches, which is what patching a weight needs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ._torch_compat import autocast_enabled  # noqa: F401  (re-exported: older call sites)
@@ -105,9 +107,28 @@ def delta_weight(
     Short filters paint the ``p L^2`` taps; when those number over half of ``dW``'s entries (long filters) the
     separable factors build it in ``O(L * out * in)`` without a tap index (see ``plans.dense_delta``).
     """
-    out_features, in_features = int(shape[0]), int(shape[1])
-    if dense_is_cheaper(positions.numel(), wavelet, (out_features, in_features)):
-        plan = shared_plan(positions, (out_features, in_features), wavelet, coef.device)
-        return dense_delta(coef, plan, scaling)
-    out = torch.zeros(out_features, in_features, dtype=torch.float32, device=coef.device)
-    return add_delta_(out, coef, positions, wavelet, scaling)
+    out = torch.zeros(int(shape[0]), int(shape[1]), dtype=torch.float32, device=coef.device)
+    return add_update_(out, coef, positions, wavelet, scaling)
+
+
+def add_update_(
+    weight: torch.Tensor,
+    coef: torch.Tensor,
+    positions: torch.Tensor,
+    wavelet: str = DEFAULT_WAVELET,
+    scaling: float = DEFAULT_SCALING,
+    strength: float = 1.0,
+    index: Callable[[torch.device], PatchIndex] | None = None,
+) -> torch.Tensor:
+    """``weight += strength * dW`` in place, the one place that decides how: painting the ``p L^2`` taps
+    (:func:`add_delta_`, with ``index(device)`` supplying a cached tap index) or, past :func:`dense_is_cheaper`,
+    the dense ``dW`` from the separable factors (no tap index). Half precision is summed in float32 and
+    rounded once either way. Returns ``weight``."""
+    shape = (int(weight.shape[0]), int(weight.shape[1]))
+    if dense_is_cheaper(positions.numel(), wavelet, shape):
+        plan = shared_plan(positions, shape, wavelet, weight.device)
+        delta = dense_delta(coef.to(weight.device), plan, scaling * float(strength))
+        with torch.no_grad():
+            return weight.copy_(weight.to(torch.float32) + delta)
+    cached = None if index is None else index(weight.device)
+    return add_delta_(weight, coef, positions, wavelet, scaling, strength, index=cached)
