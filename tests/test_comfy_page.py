@@ -203,6 +203,20 @@ def test_workflow_loads_with_every_widget_in_place_and_passes_validation(server,
     urllib.request.urlopen(urllib.request.Request(f"{url}/interrupt", data=b"{}", method="POST"), timeout=10)
 
 
+def test_the_template_browser_lists_the_workflows_under_readable_titles_with_thumbnails(server):
+    """The browser shows a custom node pack's templates by file name: the names are the titles users read."""
+    from urllib.parse import quote
+
+    url, _ = server
+    with urllib.request.urlopen(f"{url}/workflow_templates", timeout=30) as response:
+        listed = json.load(response)["comfyui-waveft"]
+    assert sorted(listed) == sorted(p.stem for p in WORKFLOWS) and all(name.startswith("WaveFT - ") for name in listed)
+    for name in listed:
+        for suffix in (".json", ".jpg"):
+            with urllib.request.urlopen(f"{url}/api/workflow_templates/comfyui-waveft/{quote(name + suffix)}", timeout=30) as response:
+                assert response.status == 200 and response.read(4), name + suffix
+
+
 def test_a_new_waveft_train_node_keeps_its_seed_fixed(page):
     """Re-queueing continues a run only while the seed stays: the page must not randomise it unasked."""
     control = page.evaluate("""() => {

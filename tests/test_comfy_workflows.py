@@ -21,7 +21,7 @@ def _load(path: Path) -> dict:
 
 
 def test_there_are_the_two_examples():
-    assert {p.stem for p in WORKFLOWS} >= {"waveft_apply_sdxl", "waveft_train_subject"}
+    assert {p.stem for p in WORKFLOWS} >= {"WaveFT - Use an adapter (SDXL)", "WaveFT - Train a subject (SDXL)"}
     assert {"WaveFTLoader", "WaveFTLoaderModelOnly", "WaveFTApply", "WaveFTTrain", "WaveFTSave"} == OUR_IDS  # ids never change
 
 
