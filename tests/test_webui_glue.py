@@ -113,10 +113,10 @@ def test_setup_outside_a_host_only_logs(no_host, caplog):
 def test_split_and_group_waveft_tensors():
     state = {**layer().tensors("lora_unet_a"), "lora_unet_a.alpha": torch.tensor(1.0),
              "lora_unet_b.lora_up.weight": torch.zeros(2, 2)}
-    groups = layers.group_waveft_tensors(state)
+    groups = layers.group_layer_tensors(state)
     assert list(groups) == ["lora_unet_a"] and set(groups["lora_unet_a"]) == {
         "waveft_coef", "waveft_shape", "waveft_scale", "waveft_wavelet", "waveft_seed"}
-    assert layers.split_key("lora_te2_x_q_proj.waveft_pos") == ("lora_te2_x_q_proj", "waveft_pos")
+    assert list(layers.group_layer_tensors({"lora_te2_x_q_proj.waveft_pos": torch.zeros(1)})) == ["lora_te2_x_q_proj"]
 
 
 @pytest.mark.parametrize(("shape", "expected"), [((4, 6), (4, 6)), ((4, 6, 1, 1), (4, 6)), ((4, 6, 3, 3), None),
@@ -127,11 +127,11 @@ def test_weight_shape_2d(shape, expected):
 
 def test_build_layer_refuses_foreign_tensors_and_misfits():
     tensors = {k.rpartition(".")[2]: v for k, v in layer().tensors("p").items()}
-    assert layers.build_layer("p", tensors, (8, 8)).shape == (8, 8)
+    assert layers.layer_from_tensors("p", tensors, (8, 8)).shape == (8, 8)
     with pytest.raises(AdapterFileError, match=r"p\.waveft_shape: .*8x8 weight.*8x12"):
-        layers.build_layer("p", tensors, (8, 12))
+        layers.layer_from_tensors("p", tensors, (8, 12))
     with pytest.raises(AdapterFileError, match=r"p: .*non-WaveFT.*'bias'"):
-        layers.build_layer("p", {**tensors, "bias": torch.zeros(8)}, (8, 8))
+        layers.layer_from_tensors("p", {**tensors, "bias": torch.zeros(8)}, (8, 8))
 
 
 def test_collect_layers_matches_and_consumes_only_loaded_prefixes():

@@ -72,11 +72,33 @@ class AdapterFile:
         return sum(layer.num_params for layer in self.layers.values())
 
 
-def layer_from_tensors(prefix: str, tensors: Mapping[str, torch.Tensor]) -> LayerAdapter:
-    """Validate one layer's tensors (keys are the suffixes, e.g. ``waveft_coef``) and build the layer.
+WAVEFT_PART = "waveft_"  # every tensor name of the format starts so; no other adapter type's does
 
-    Used by :func:`load_adapter` and by host glue whose stock loaders hand over only tensors.
+
+def group_layer_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The WaveFT tensors of a state dict grouped per layer, ``prefix -> {"waveft_*": tensor}``, as a host
+    that reads a file itself hands them over. Keys split at their last dot (WaveFT names contain none; hosts
+    that split at the first dot agree for kohya prefixes, which contain none either)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        prefix, _, part = key.rpartition(".")
+        if prefix and part.startswith(WAVEFT_PART):
+            groups.setdefault(prefix, {})[part] = tensor
+    return groups
+
+
+def layer_from_tensors(
+    prefix: str, tensors: Mapping[str, torch.Tensor], expected_shape: tuple[int, int] | None = None
+) -> LayerAdapter:
+    """Validate one layer's tensors (keys are the suffixes, e.g. ``waveft_coef``) and build the layer; with
+    ``expected_shape``, the model weight's ``(out, in)`` it must fit.
+
+    The one validator of every loader: :func:`load_adapter`, the ComfyUI-protocol adapter the stock loaders
+    use, and the WebUI glue. A tensor that is not ``waveft_*`` is refused: a host would apply it too.
     """
+    foreign = sorted(part for part in tensors if not part.startswith(WAVEFT_PART))
+    if foreign:
+        raise AdapterFileError(f"{prefix}: WaveFT layer also has non-WaveFT tensor(s) {foreign}")
     unknown = sorted(set(tensors) - set(SUFFIXES))
     if unknown:
         raise AdapterFileError(f"{prefix}: unknown WaveFT tensor(s) {unknown}")
@@ -114,11 +136,20 @@ def layer_from_tensors(prefix: str, tensors: Mapping[str, torch.Tensor]) -> Laye
             raise AdapterFileError(str(err)) from None
         if positions.numel() != p:
             raise AdapterFileError(f"{prefix}.waveft_pos: {positions.numel()} positions for {p} coefficients")
-        return LayerAdapter(coef.float(), shape, scaling, wavelet, positions=positions)
+        return _check_fits(prefix, LayerAdapter(coef.float(), shape, scaling, wavelet, positions=positions), expected_shape)
     seed = int(tensors["waveft_seed"])
     if seed < 0:
         raise AdapterFileError(f"{prefix}.waveft_seed: negative seed {seed}")
-    return LayerAdapter(coef.float(), shape, scaling, wavelet, seed=seed)
+    return _check_fits(prefix, LayerAdapter(coef.float(), shape, scaling, wavelet, seed=seed), expected_shape)
+
+
+def _check_fits(prefix: str, layer: LayerAdapter, expected_shape: tuple[int, int] | None) -> LayerAdapter:
+    if expected_shape is not None and tuple(layer.shape) != tuple(expected_shape):
+        raise AdapterFileError(
+            f"{prefix}.waveft_shape: adapter is for a {layer.shape[0]}x{layer.shape[1]} weight, "
+            f"the model's layer is {expected_shape[0]}x{expected_shape[1]}"
+        )
+    return layer
 
 
 # ComfyUI's core trainer keeps a train module's parameters only and saves every one in its LoRA dtype (bf16

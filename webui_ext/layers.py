@@ -1,7 +1,8 @@
-"""Host-neutral helpers for WaveFT layers that A1111-family loaders hand over as loose tensors.
+"""Helpers for WaveFT layers that A1111-family loaders hand over as loose tensors.
 
-Every host here reads a LoRA file itself and passes its tensors around keyed by the kohya prefix; these
-helpers turn them into validated :class:`~waveft_core.LayerAdapter` objects. Validation happens before any
+Every host here reads a LoRA file itself and passes its tensors around keyed by the kohya prefix; the core's
+one validator (:func:`waveft_core.layer_from_tensors`, grouping by
+:func:`waveft_core.adapter_file.group_layer_tensors`) turns them into :class:`~waveft_core.LayerAdapter` objects. Validation happens before any
 weight is touched and is all-or-nothing per file, so a bad file is refused whole, never applied in part.
 """
 
@@ -14,36 +15,16 @@ from collections.abc import Mapping
 import torch
 
 from ..waveft_core import AdapterFileError, LayerAdapter, layer_from_tensors, names
+from ..waveft_core.adapter_file import WAVEFT_PART, group_layer_tensors
 
 log = logging.getLogger("WaveFT")
 
-WAVEFT_PREFIX = "waveft_"
 PATCH_TYPE = "waveft"
 
 
 def is_waveft_part(part: str) -> bool:
     """True for the tensor names (the part after the prefix) that WaveFT claims, e.g. ``waveft_coef``."""
-    return part.startswith(WAVEFT_PREFIX)
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """``"lora_unet_x.waveft_coef"`` -> ``("lora_unet_x", "waveft_coef")`` (split at the last dot).
-
-    WaveFT tensor names contain no dot, so the last dot always separates prefix and name; A1111 splits at
-    the first dot, which gives the same answer for kohya prefixes (they contain no dot either).
-    """
-    prefix, _, part = key.rpartition(".")
-    return prefix, part
-
-
-def group_waveft_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """The WaveFT tensors of a loaded file, grouped per layer: prefix -> {``waveft_*``: tensor}."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        prefix, part = split_key(key)
-        if prefix and is_waveft_part(part):
-            groups.setdefault(prefix, {})[part] = tensor
-    return groups
+    return part.startswith(WAVEFT_PART)
 
 
 def weight_shape_2d(weight_shape: tuple[int, ...] | torch.Size | None) -> tuple[int, int] | None:
@@ -56,26 +37,6 @@ def weight_shape_2d(weight_shape: tuple[int, ...] | torch.Size | None) -> tuple[
     if len(shape) == 4 and shape[2:] == (1, 1):
         return shape[0], shape[1]
     return None
-
-
-def build_layer(
-    prefix: str, tensors: Mapping[str, torch.Tensor], expected_shape: tuple[int, int] | None
-) -> LayerAdapter:
-    """Validate one layer's tensors (names as in the file) and check it fits the model's weight.
-
-    Raises :class:`AdapterFileError` naming ``prefix`` and the offending tensor. Tensors that are not
-    ``waveft_*`` are refused: a host would otherwise read them (``alpha``, ``bias`` ...) and apply them too.
-    """
-    foreign = sorted(part for part in tensors if not is_waveft_part(part))
-    if foreign:
-        raise AdapterFileError(f"{prefix}: WaveFT layer also has non-WaveFT tensor(s) {foreign}")
-    layer = layer_from_tensors(prefix, tensors)
-    if expected_shape is not None and tuple(layer.shape) != tuple(expected_shape):
-        raise AdapterFileError(
-            f"{prefix}.waveft_shape: adapter is for a {layer.shape[0]}x{layer.shape[1]} weight, "
-            f"the model's layer is {expected_shape[0]}x{expected_shape[1]}"
-        )
-    return layer
 
 
 @functools.lru_cache(maxsize=1)
@@ -96,12 +57,12 @@ def collect_layers(
     bad file refused in the first pass: then nothing is returned and *all* WaveFT keys are consumed (so the
     host does not also report them as unmatched), after one log line naming the key.
     """
-    groups = group_waveft_tensors(state_dict)
+    groups = group_layer_tensors(state_dict)
     if not groups:
         return {}, set()
     expected_shapes = expected_shapes or {}
     try:
-        layers = {prefix: build_layer(prefix, group, expected_shapes.get(prefix)) for prefix, group in groups.items()}
+        layers = {prefix: layer_from_tensors(prefix, group, expected_shapes.get(prefix)) for prefix, group in groups.items()}
     except AdapterFileError as err:
         log.error("[WaveFT] refusing a WaveFT file: %s (none of its WaveFT layers is applied)", err)
         return {}, {f"{prefix}.{part}" for prefix, group in groups.items() for part in group}

@@ -15,8 +15,8 @@ import network  # the builtin Lora extension's module (on sys.path / in sys.modu
 import torch
 from torch import nn
 
-from ..waveft_core import AdapterFileError
-from .layers import build_layer, is_waveft_part, log, weight_shape_2d
+from ..waveft_core import AdapterFileError, layer_from_tensors
+from .layers import is_waveft_part, log, weight_shape_2d
 
 
 def target_shape(sd_module: nn.Module) -> tuple[int, int] | None:
@@ -60,7 +60,7 @@ class NetworkModuleWaveFT(network.NetworkModule):
             shape = target_shape(weights.sd_module)
             if shape is None:
                 raise AdapterFileError(f"{prefix}: targets a {type(weights.sd_module).__name__}; WaveFT adapts Linear layers")
-            self.layer = build_layer(prefix, weights.w, shape)
+            self.layer = layer_from_tensors(prefix, weights.w, shape)
         except AdapterFileError as err:
             message = f"WaveFT file '{net.name}' not applied: {err}"
             log.error("%s", message)
