@@ -173,13 +173,13 @@ def test_in_loop_conditioning_gradients_equal_an_out_of_place_clip(host, monkeyp
 
     from waveft_core import WaveFTConfig, attach_waveft
 
-    comfy_training, patches = pack_module("nodes.comfy_training"), pack_module("nodes.patches")
+    comfy_model, patches = pack_module("nodes.comfy_model"), pack_module("nodes.patches")
     clip = small_sdxl_clip(seed=5)
     encoders = torch.nn.ModuleDict(patches.text_encoders(clip)).requires_grad_(False)
     layers = attach_waveft(encoders, WaveFTConfig(n_frequency=64, target_pattern=r"self_attn\.(q_proj|v_proj)$"))
     for layer in layers.values():
         torch.nn.init.normal_(layer.coef, std=0.01)
-    conditioning = comfy_training.in_loop_conditioning(tiny_sdxl(seed=5), clip, "a photo of (zjw:1.2) dog")
+    conditioning = comfy_model.in_loop_conditioning(tiny_sdxl(seed=5), clip, "a photo of (zjw:1.2) dog")
 
     def gradients() -> torch.Tensor:
         for layer in layers.values():
@@ -289,9 +289,9 @@ def test_other_settings_are_another_run(host, progress_calls):
 
 def test_engine_convention_matches_comfyui_sampling(host):
     """The UNet on DDPM inputs predicts what ComfyUI's sampler uses: eps = (x - denoised) / sigma."""
-    comfy_training = pack_module("nodes.comfy_training")
+    comfy_model = pack_module("nodes.comfy_model")
     model = tiny_sdxl(seed=2)
-    assert comfy_training.schedule(model) == {"prediction_type": "epsilon", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+    assert comfy_model.schedule(model) == {"prediction_type": "epsilon", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
     base = model.model
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
@@ -300,14 +300,14 @@ def test_engine_convention_matches_comfyui_sampling(host):
     sigma = base.model_sampling.sigmas[timesteps][:, None, None, None]
     abar = 1 / (1 + sigma**2)
     with torch.no_grad():
-        ours = comfy_training.make_denoise(base.diffusion_model, torch.float32)(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, timesteps, cond)
+        ours = comfy_model.make_denoise(base.diffusion_model, torch.float32)(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, timesteps, cond)
         noisy = x0 + sigma * eps  # ComfyUI's EPS parametrisation
         denoised = base.apply_model(noisy, sigma.flatten(), c_crossattn=cond["context"], y=cond["y"])
     assert torch.allclose(ours, (noisy - denoised) / sigma, atol=1e-4)
 
 
 def test_a_refused_setting_is_named_as_the_widget_on_the_node(host):
-    training = pack_module("nodes.training")
+    training = pack_module("nodes.training_run")
     opt = {**TRAIN, "precision": "zjw_dog"}
     with pytest.raises(ValueError, match=r"WaveFT Train: precision must be one of .*got 'zjw_dog'") as err:
         training.train_settings(tiny_sdxl(seed=0), opt)

@@ -1,4 +1,5 @@
-"""ComfyUI plumbing of WaveFT Train: encode once, prepare the UNet, wrap it for the engine, progress and Cancel.
+"""ComfyUI's model, adapted for WaveFT Train: encode once, prepare the UNet (and text encoders), wrap it for
+the engine.
 
 * Images and prompt are encoded once (VAE, text encoders), then ComfyUI is asked to load only the UNet
   (``memory_required=1e20`` evicts everything else from the device).
@@ -8,8 +9,6 @@
 * ComfyUI's EPS / V-prediction UNet, called directly with DDPM inputs ``sqrt(abar) x0 + sqrt(1-abar) eps``
   and integer timesteps, predicts ``eps`` / ``v``: exactly the engine's convention, once the engine uses the
   model's own beta schedule.
-* Cancel: ``should_stop`` polls ComfyUI's interrupt flag, and an interrupt raised by the progress hook is
-  turned into ``TrainingStopped``; either way the engine returns the adapter of the last completed step.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..trainer import TrainingData, TrainingStopped
+from ..trainer import TrainingData
 from ..trainer.diffusion import alphas_cumprod
 from ..waveft_core import WaveFTConfig
 from .images import bucket_images
@@ -191,35 +190,3 @@ def base_model_version(model: Any) -> str:
     """kohya's ``ss_base_model_version`` of a MODEL (A1111 hides files whose version does not fit)."""
     name = type(model.model.model_config).__name__
     return BASE_MODEL_VERSIONS.get(name, name)
-
-
-def show_on_node(text: str) -> None:
-    """Show ``text`` on the executing node in the page (ComfyUI's ``progress_text`` message); a no-op where
-    there is no server (tests, scripts) or the host predates the message."""
-    try:
-        from comfy_execution.utils import get_executing_context
-        from server import PromptServer
-    except ImportError:
-        return
-    context, server = get_executing_context(), getattr(PromptServer, "instance", None)
-    if context is not None and server is not None and hasattr(server, "send_progress_text"):
-        server.send_progress_text(text, context.node_id)
-
-
-class Watch:
-    """Progress bar per step and Cancel, in the engine's terms (``progress`` / ``should_stop``)."""
-
-    def __init__(self, total: int) -> None:
-        self.bar = comfy.utils.ProgressBar(total)
-        self.cancelled = False
-
-    def should_stop(self) -> bool:
-        self.cancelled = self.cancelled or mm.processing_interrupted()
-        return self.cancelled
-
-    def progress(self, step: int, total: int, loss: float) -> None:
-        try:
-            self.bar.update_absolute(step, total)  # ComfyUI's hook raises here when Cancel was pressed
-        except mm.InterruptProcessingException:
-            self.cancelled = True
-            raise TrainingStopped from None
