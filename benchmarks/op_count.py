@@ -13,6 +13,7 @@ and dtype (float32: the patched-weight path; bf16: the activation-side path), al
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections import Counter
@@ -109,20 +110,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for family in ("sparse", "portable"):
-        plans.sparse_kernels_work.cache_clear()
-        plans._SHARED_PLANS.clear()
-        original = plans.sparse_kernels_work
-        if family == "portable":
-            plans.sparse_kernels_work = lambda device: False  # type: ignore[assignment]
-        try:
-            for name, (build, dtype) in variants().items():
-                if family == "portable" and not name.startswith("WaveFTLinear"):
-                    continue
-                label = f"{name} ({family})" if name.startswith("WaveFTLinear") else name
-                rows.append((label, *measure(build, dtype, args.repeats)))
-        finally:
-            plans.sparse_kernels_work = original
+    for family in plans.FAMILIES:
+        os.environ[plans.KERNELS_VARIABLE] = family  # each layer built below plans with this family
+        plans.clear_caches()
+        for name, (build, dtype) in variants().items():
+            if family != plans.FAMILIES[0] and not name.startswith("WaveFTLinear"):
+                continue
+            label = f"{name} ({family})" if name.startswith("WaveFTLinear") else name
+            rows.append((label, *measure(build, dtype, args.repeats)))
+    os.environ.pop(plans.KERNELS_VARIABLE)
     base_kernels, _, base_time = next((k, o, t) for label, k, o, t in rows if label == "frozen base")
     lora_kernels, _, lora_time = next((k, o, t) for label, k, o, t in rows if label == "PEFT LoRA r1")
     print(f"one adapted Linear {OUT}x{IN}, {TOKENS} tokens, forward + backward; torch {torch.__version__}")

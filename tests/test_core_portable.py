@@ -173,3 +173,22 @@ def test_the_update_stays_float32_maths_under_autocast(monkeypatch, portable):
     assert rel_error(grad_x, torch.ones(74, 40, dtype=torch.float64) @ dense) <= 1e-5
     layout = patch_layout(layer.positions, layer.shape, "db3")
     assert rel_error(grad_coef, coef_grad_from_weight_grad(torch.ones(74, 40, dtype=torch.float64).T @ x64, layout, "db3", 25.0)) <= 1e-5
+
+
+def test_waveft_kernels_pins_a_family_by_name(monkeypatch):
+    """``WAVEFT_KERNELS`` forces a kernel family (tests and users pin it); an unknown name is a clear error."""
+    import waveft_core.plans as plans
+    from waveft_core.portable_ops import PortablePlan
+    from waveft_core.sparse_ops import SparsePlan
+
+    positions = torch.randperm(24 * 20)[:30]
+    for name, kind in (("portable", PortablePlan), ("sparse", SparsePlan)):
+        monkeypatch.setenv("WAVEFT_KERNELS", name)
+        assert isinstance(plans.shared_plan(positions, (24, 20), "db2", torch.device("cpu")), kind)
+    monkeypatch.setenv("WAVEFT_KERNELS", "fused")
+    with pytest.raises(ValueError, match="WAVEFT_KERNELS='fused': choose one of sparse, portable"):
+        plans.build(positions, (24, 20), "db2", torch.device("cpu"))
+    monkeypatch.setenv("WAVEFT_KERNELS", "sparse")
+    monkeypatch.setattr(plans, "sparse_kernels_work", lambda device: False)
+    with pytest.raises(ValueError, match="no working sparse CSR kernels"):
+        plans.family(torch.device("cpu"))

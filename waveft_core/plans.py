@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 from collections import OrderedDict
 
 import torch
@@ -35,10 +36,27 @@ def sparse_kernels_work(device: torch.device) -> bool:
     return works
 
 
+FAMILIES = ("sparse", "portable")
+KERNELS_VARIABLE = "WAVEFT_KERNELS"
+
+
+def family(device: torch.device) -> str:
+    """The kernel family for ``device``: ``WAVEFT_KERNELS`` if set (``sparse`` or ``portable``: tests and users
+    pin it), else the sparse kernels where the device runs them right, else the portable ones."""
+    forced = os.environ.get(KERNELS_VARIABLE, "").strip().lower()
+    if forced and forced != "auto":
+        if forced not in FAMILIES:
+            raise ValueError(f"{KERNELS_VARIABLE}={forced!r}: choose one of {', '.join(FAMILIES)} (or auto)")
+        if forced == "sparse" and not sparse_kernels_work(torch.device(device)):
+            raise ValueError(f"{KERNELS_VARIABLE}=sparse, but {device} has no working sparse CSR kernels")
+        return forced
+    return "sparse" if sparse_kernels_work(torch.device(device)) else "portable"
+
+
 def build(positions: torch.Tensor, shape: tuple[int, int], wavelet: str, device: torch.device) -> Plan:
     """A new plan for coefficients at flat ``positions`` of an ``(out, in)`` weight, for ``device``'s kernels."""
     device = torch.device(device)
-    if sparse_kernels_work(device):
+    if family(device) == "sparse":
         return build_plan(positions, tuple(shape), wavelet, device)
     return build_portable_plan(positions, tuple(shape), wavelet, device)
 
@@ -56,7 +74,7 @@ def shared_plan(positions: torch.Tensor, shape: tuple[int, int], wavelet: str, d
     """
     device = torch.device(device)
     digest = hashlib.blake2b(positions.detach().cpu().to(torch.int64).numpy().tobytes(), digest_size=16).digest()
-    key = (tuple(shape), wavelet, device, sparse_kernels_work(device), digest)
+    key = (tuple(shape), wavelet, device, family(device), digest)
     if key in _SHARED_PLANS:
         _SHARED_PLANS.move_to_end(key)
     else:
