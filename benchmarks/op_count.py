@@ -4,10 +4,12 @@ On a fast GPU a small layer's cost is the kernels it launches and the Python aro
 counts, with a ``TorchDispatchMode`` on tiny tensors (device-independent), the aten ops of one training step
 of one layer that launch a kernel (views, ``empty`` and metadata ops are not counted), and times the host side
 (median wall time of the step on tiny CPU tensors, where the maths is negligible). Rows: the frozen base,
-PEFT LoRA r1, PEFT WaveFT, and this project's ``WaveFTLinear`` per kernel family (``sparse``, ``portable``)
-and dtype (float32: the patched-weight path; bf16: the activation-side path), all measured in this run.
+PEFT LoRA r1, PEFT WaveFT, and this project's ``WaveFTLinear`` per kernel family (``sparse``, ``portable``:
+float32 patches the weight, bf16 adds the update from the activations; ``fused``: a few large kernels, see
+``waveft_core/fused_ops.py``) and dtype, all measured in this run. ``--device cuda`` counts (and times) on a
+GPU, where the fused bf16 layer sums ``g^T x`` into float32 by ``mm(out_dtype=)`` instead of two casts.
 
-    python benchmarks/op_count.py [--repeats 200]
+    python benchmarks/op_count.py [--repeats 200] [--device cuda]
 """
 
 from __future__ import annotations
@@ -48,8 +50,11 @@ class KernelCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+DEVICE = torch.device("cpu")
+
+
 def _base(dtype: torch.dtype) -> torch.nn.Linear:
-    layer = torch.nn.Linear(IN, OUT).to(dtype)
+    layer = torch.nn.Linear(IN, OUT).to(DEVICE, dtype)
     layer.requires_grad_(False)
     return layer
 
@@ -69,7 +74,7 @@ def variants() -> dict[str, tuple[Callable[[], torch.nn.Module], torch.dtype]]:
 
     def waveft(dtype: torch.dtype) -> Callable[[], torch.nn.Module]:
         def build() -> torch.nn.Module:
-            layer = WaveFTLinear(_base(dtype), n_frequency=40)
+            layer = WaveFTLinear(_base(dtype), n_frequency=40).to(DEVICE)
             with torch.no_grad():
                 layer.coef.normal_()
             return layer
@@ -78,6 +83,7 @@ def variants() -> dict[str, tuple[Callable[[], torch.nn.Module], torch.dtype]]:
 
     return {
         "frozen base": (lambda: _base(torch.float32), torch.float32),
+        "frozen base bf16": (lambda: _base(torch.bfloat16), torch.bfloat16),
         "PEFT LoRA r1": (lora, torch.float32),
         "PEFT WaveFT": (peft_waveft, torch.float32),
         "WaveFTLinear fp32": (waveft(torch.float32), torch.float32),
@@ -91,7 +97,7 @@ def step(module: torch.nn.Module, x: torch.Tensor) -> None:
 
 def measure(build: Callable[[], torch.nn.Module], dtype: torch.dtype, repeats: int) -> tuple[int, Counter, float]:
     module = build()
-    x = torch.randn(TOKENS, IN, dtype=dtype, requires_grad=True)
+    x = torch.randn(TOKENS, IN, device=DEVICE, dtype=dtype, requires_grad=True)
     step(module, x)  # warm-up: plans, caches
     with KernelCounter() as counter:
         step(module, x)
@@ -99,6 +105,8 @@ def measure(build: Callable[[], torch.nn.Module], dtype: torch.dtype, repeats: i
     for _ in range(repeats):
         start = time.perf_counter()
         step(module, x)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sum(counter.ops.values()), counter.ops, statistics.median(times)
 
@@ -107,10 +115,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--ops", action="store_true", help="list the counted aten ops of each row")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(1)
     rows = []
-    for family in plans.FAMILIES:
+    for family in plans.KERNEL_NAMES:
         os.environ[plans.KERNELS_VARIABLE] = family  # each layer built below plans with this family
         plans.clear_caches()
         for name, (build, dtype) in variants().items():
@@ -119,14 +130,17 @@ def main() -> None:
             label = f"{name} ({family})" if name.startswith("WaveFTLinear") else name
             rows.append((label, *measure(build, dtype, args.repeats)))
     os.environ.pop(plans.KERNELS_VARIABLE)
-    base_kernels, _, base_time = next((k, o, t) for label, k, o, t in rows if label == "frozen base")
-    lora_kernels, _, lora_time = next((k, o, t) for label, k, o, t in rows if label == "PEFT LoRA r1")
-    print(f"one adapted Linear {OUT}x{IN}, {TOKENS} tokens, forward + backward; torch {torch.__version__}")
+    bases = {label: (k, t) for label, k, o, t in rows if label.startswith("frozen base")}
+    base_kernels, base_time = bases["frozen base"]
+    lora_kernels, lora_time = next((k, t) for label, k, o, t in rows if label == "PEFT LoRA r1")
+    print(f"one adapted Linear {OUT}x{IN}, {TOKENS} tokens, forward + backward, on {DEVICE}; torch {torch.__version__}")
     print(f"{'layer':<32} {'kernels':>8} {'extra':>6} {'extra / LoRA r1':>16} {'host us':>9} {'extra host / LoRA r1':>21}")
     for label, kernels, ops, seconds in rows:
-        extra, extra_time = kernels - base_kernels, seconds - base_time
-        ratio = f"{extra / (lora_kernels - base_kernels):.2f}x" if label != "frozen base" else "-"
-        time_ratio = f"{extra_time / (lora_time - base_time):.2f}x" if label != "frozen base" else "-"
+        # each row against the frozen base of its own dtype (a bf16 loss adds casts that are not the layer's)
+        own_kernels, own_time = bases["frozen base bf16" if " bf16" in label else "frozen base"]
+        extra, extra_time = kernels - own_kernels, seconds - own_time
+        ratio = f"{extra / (lora_kernels - base_kernels):.2f}x" if not label.startswith("frozen") else "-"
+        time_ratio = f"{extra_time / (lora_time - base_time):.2f}x" if not label.startswith("frozen") else "-"
         print(f"{label:<32} {kernels:>8} {extra:>6} {ratio:>16} {seconds * 1e6:>9.0f} {time_ratio:>21}")
         if args.ops:
             print("    " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))

@@ -185,8 +185,10 @@ def test_waveft_kernels_pins_a_family_by_name(monkeypatch):
     for name, kind in (("portable", PortablePlan), ("sparse", SparsePlan)):
         monkeypatch.setenv("WAVEFT_KERNELS", name)
         assert isinstance(plans.shared_plan(positions, (24, 20), "db2", torch.device("cpu")), kind)
-    monkeypatch.setenv("WAVEFT_KERNELS", "fused")
-    with pytest.raises(ValueError, match="WAVEFT_KERNELS='fused': choose one of sparse, portable"):
+    monkeypatch.setenv("WAVEFT_KERNELS", "fused")  # the layer evaluation; plans stay the device's family
+    assert isinstance(plans.shared_plan(positions, (24, 20), "db2", torch.device("cpu")), SparsePlan)
+    monkeypatch.setenv("WAVEFT_KERNELS", "fast")
+    with pytest.raises(ValueError, match="WAVEFT_KERNELS='fast': choose one of sparse, portable, fused"):
         plans.build(positions, (24, 20), "db2", torch.device("cpu"))
     monkeypatch.setenv("WAVEFT_KERNELS", "sparse")
     monkeypatch.setattr(plans, "sparse_kernels_work", lambda device: False)

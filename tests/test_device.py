@@ -2,7 +2,7 @@
 
 Skipped where no CUDA device is present. ``WAVEFT_TEST_DEVICE=cpu`` runs the same checks on the CPU: that is
 how their logic is checked on machines without a GPU (``WAVEFT_TEST_DEVICE=cuda:1`` picks another card,
-``WAVEFT_TEST_DEVICE=mps`` an Apple GPU). Every check runs on both kernel families (``kernels`` fixture).
+``WAVEFT_TEST_DEVICE=mps`` an Apple GPU). Every check runs on each kernel family and on the timed choice (``kernels`` fixture).
 """
 
 from __future__ import annotations
@@ -37,15 +37,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, params=["sparse", "portable"])
+@pytest.fixture(autouse=True, params=["sparse", "portable", "fused", "auto"])
 def kernels(request, monkeypatch) -> str:
-    """Each check runs on both kernel families: the sparse ones (where the device has them) and the
-    portable ones that devices without sparse CSR support get."""
+    """Each check runs on every kernel family, pinned by ``WAVEFT_KERNELS``: the sparse ones (where the device
+    has them), the portable ones that devices without sparse CSR support get, the fused layer, and the
+    choice timed on the device (``auto``)."""
+    monkeypatch.setenv("WAVEFT_KERNELS", request.param)
+    plans.clear_caches()
     if request.param == "portable":
         monkeypatch.setattr(plans, "sparse_kernels_work", lambda device: False)
-    elif not plans.sparse_kernels_work(DEVICE):
+    elif request.param == "sparse" and not plans.sparse_kernels_work(DEVICE):
         pytest.skip(f"{DEVICE} has no working sparse CSR kernels (the portable ones are checked)")
-    return request.param
+    yield request.param
+    plans.clear_caches()
 
 
 def _reference(layer: WaveFTLinear, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -91,6 +95,8 @@ def test_layer_matches_the_float64_reference(out_features, in_features, tokens, 
 def test_long_sequences_in_several_device_chunks(monkeypatch, kernels):
     """A device chunk holds up to ``DEVICE_CHUNK_ELEMENTS`` (portable: ``CHUNK_ELEMENTS``); made small,
     1000 tokens take several chunks."""
+    if kernels not in ("sparse", "portable"):
+        pytest.skip("a trainable base always runs on the plan family (checked as sparse and portable)")
     monkeypatch.setattr(sparse_ops, "DEVICE_CHUNK_ELEMENTS", 64 * 64 * 3)
     monkeypatch.setattr(sparse_ops, "CHUNK_ELEMENTS", 64 * 64 * 3)
     monkeypatch.setattr(portable_ops, "CHUNK_ELEMENTS", 300 * 64)

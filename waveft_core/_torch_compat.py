@@ -11,3 +11,11 @@ def autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 has no device argument, only per-device functions
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def autocast_dtype(device_type: str) -> torch.dtype:
+    """The dtype autocast computes in on ``device_type`` (torch < 2.4 has per-device getters only)."""
+    getter = getattr(torch, "get_autocast_dtype", None)
+    if getter is not None:
+        return getter(device_type)
+    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()

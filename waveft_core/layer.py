@@ -15,6 +15,7 @@ else convolutions and gathers (:mod:`~waveft_core.portable_ops`, e.g. Apple's MP
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._torch_compat import autocast_enabled
+from . import kernel_choice
+from ._torch_compat import autocast_dtype, autocast_enabled
 from .functional import DEFAULT_SCALING, DEFAULT_WAVELET, add_delta_, delta_weight
+from .fused_ops import fused_linear
 from .plans import Plan, delta_backward, delta_forward, shared_plan
 from .positions import DEFAULT_SEED, check_positions, sample_positions
 from .wavelets import check_wavelet
@@ -119,15 +122,11 @@ def _patching_is_cheaper(x: torch.Tensor, plan: Plan) -> bool:
     return entries <= PATCH_ALWAYS_ENTRIES or entries <= PATCH_MAX_FRACTION * x.numel()
 
 
-def waveft_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    coef: torch.Tensor,
-    plan: Plan,
-    scaling: float,
+def _plan_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coef: torch.Tensor, plan: Plan, scaling: float
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias) + x dW^T``, choosing the cheaper exact evaluation (module docstring)."""
+    """The plan family's evaluation: the patched weight where that is exact and cheaper, else the update
+    added from the activations (module docstring)."""
     merged_ok = (
         weight.dtype in (torch.float32, torch.float64)
         and x.dtype == weight.dtype
@@ -146,6 +145,63 @@ def waveft_linear(
     # otherwise promote it, and ops outside torch's autocast lists then see mixed dtypes)
     base = F.linear(x, weight, bias)
     return base + waveft_delta(x, coef, plan, scaling, base.dtype)
+
+
+def _fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coef: torch.Tensor, plan: Plan, scaling: float) -> torch.Tensor:
+    """:func:`~waveft_core.fused_ops.fused_linear` in the dtype ``F.linear`` would compute in here: the
+    autocast dtype under autocast (cast as autocast casts, with autocast off inside), else ``x``'s."""
+    device_type = x.device.type
+    if not autocast_enabled(device_type):
+        return fused_linear(x, weight, bias, coef, plan, scaling)
+    with torch.autocast(device_type, enabled=False):
+        return fused_linear(x.to(autocast_dtype(device_type)), weight, bias, coef, plan, scaling)
+
+
+def _fused_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> bool:
+    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    size = plan.layout.geometry.out_features * plan.layout.geometry.in_features
+    return frozen and x.is_floating_point() and weight.is_floating_point() and plan.patch_entries <= PATCH_MAX_WEIGHT_MULTIPLE * size
+
+
+def _kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coef: torch.Tensor, plan: Plan, scaling: float) -> str:
+    """``fused`` or ``plan`` for this call: pinned by ``WAVEFT_KERNELS``, else timed once per shape class."""
+    forced = kernel_choice.forced_evaluation()
+    if forced is not None:
+        return forced
+    # a trainable layer is timed forward + backward even in a no-grad pass (the first pass of reentrant
+    # checkpointing), so its recomputation inside backward finds the choice made
+    training = coef.requires_grad
+    dtypes = (x.dtype, weight.dtype, autocast_dtype(x.device.type) if autocast_enabled(x.device.type) else x.dtype)
+    tokens = x.numel() // max(x.shape[-1], 1)
+    key = kernel_choice.shape_class(x.device, dtypes, tuple(weight.shape), plan.patch_entries, tokens, training)
+
+    def timed(evaluate: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            with torch.enable_grad() if training else torch.no_grad():
+                xs = x.detach().requires_grad_(x.requires_grad and training)
+                cs = coef.detach().clone().requires_grad_(training)
+                y = evaluate(xs, weight, bias, cs, plan, scaling)
+                if training:
+                    y.backward(torch.ones_like(y))
+
+        return run
+
+    return kernel_choice.choose(key, x.device, {"plan": timed(_plan_linear), "fused": timed(_fused)})
+
+
+def waveft_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    coef: torch.Tensor,
+    plan: Plan,
+    scaling: float,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + x dW^T``, by the exact evaluation that is fastest on the device for this
+    shape class (:mod:`waveft_core.kernel_choice`); a trainable base always takes the plan family's."""
+    if _fused_applies(x, weight, bias, plan) and _kernels(x, weight, bias, coef, plan, scaling) == "fused":
+        return _fused(x, weight, bias, coef, plan, scaling)
+    return _plan_linear(x, weight, bias, coef, plan, scaling)
 
 
 class WaveFTLinear(nn.Module):

@@ -18,6 +18,7 @@ import torch
 
 from . import portable_ops, sparse_ops
 from .geometry import PatchIndex, patch_index, patch_layout
+from .kernel_choice import KERNELS_VARIABLE, clear_choices
 from .portable_ops import PortablePlan, build_portable_plan
 from .positions import sample_positions
 from .sparse_ops import SparsePlan, build_plan
@@ -36,20 +37,22 @@ def sparse_kernels_work(device: torch.device) -> bool:
     return works
 
 
-FAMILIES = ("sparse", "portable")
-KERNELS_VARIABLE = "WAVEFT_KERNELS"
+FAMILIES = ("sparse", "portable")  # the plan families; ``fused`` (fused_ops) evaluates a layer on either's index
+KERNEL_NAMES = (*FAMILIES, "fused")
 
 
 def family(device: torch.device) -> str:
-    """The kernel family for ``device``: ``WAVEFT_KERNELS`` if set (``sparse`` or ``portable``: tests and users
-    pin it), else the sparse kernels where the device runs them right, else the portable ones."""
+    """The plan family for ``device``: ``WAVEFT_KERNELS`` if it names one (``sparse`` or ``portable``: tests
+    and users pin it), else the sparse kernels where the device runs them right, else the portable ones.
+    ``fused`` (and ``auto``) leave the plan family to the device; :mod:`waveft_core.kernel_choice` reads it."""
     forced = os.environ.get(KERNELS_VARIABLE, "").strip().lower()
     if forced and forced != "auto":
-        if forced not in FAMILIES:
-            raise ValueError(f"{KERNELS_VARIABLE}={forced!r}: choose one of {', '.join(FAMILIES)} (or auto)")
+        if forced not in KERNEL_NAMES:
+            raise ValueError(f"{KERNELS_VARIABLE}={forced!r}: choose one of {', '.join(KERNEL_NAMES)} (or auto)")
         if forced == "sparse" and not sparse_kernels_work(torch.device(device)):
             raise ValueError(f"{KERNELS_VARIABLE}=sparse, but {device} has no working sparse CSR kernels")
-        return forced
+        if forced in FAMILIES:
+            return forced
     return "sparse" if sparse_kernels_work(torch.device(device)) else "portable"
 
 
@@ -121,3 +124,5 @@ def clear_caches(device: torch.device | str | None = None) -> None:
     for key in [k for k in _SHARED_PLANS if target is None or k[2] == target]:
         del _SHARED_PLANS[key]
     seeded_patch_index.cache_clear()  # an lru_cache cannot drop one device's entries
+    if target is None:
+        clear_choices()
