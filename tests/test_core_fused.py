@@ -208,3 +208,20 @@ def test_real_timing_picks_a_correct_family_on_this_cpu(monkeypatch):
     assert list(kernel_choice._CHOSEN.values())[0] in ("plan", "fused")
     assert rel_error(y.reshape(y_ref.shape), y_ref) <= 1e-5 and rel_error(layer.coef.grad, gc_ref) <= 1e-5
     plans.clear_caches()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_first_timed_choice_inside_gradient_checkpointing(monkeypatch, reentrant):
+    """The first step of a run times the choices inside the checkpointed blocks: the recomputation (which
+    finds the choice made) must see the same saved tensors as the forward did, and the gradients not change."""
+    monkeypatch.delenv("WAVEFT_KERNELS", raising=False)
+    layer = _layer(48, 32, 80, "db3", torch.float32)
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    plans.clear_caches()
+    torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=reentrant).square().sum().backward()
+    assert kernel_choice._CHOSEN  # the choice was timed inside the checkpoint
+    checkpointed_x, checkpointed_c = x.grad.clone(), layer.coef.grad.clone()
+    x.grad, layer.coef.grad = None, None
+    layer(x).square().sum().backward()
+    assert torch.equal(x.grad, checkpointed_x) and torch.equal(layer.coef.grad, checkpointed_c)
+    plans.clear_caches()

@@ -174,6 +174,9 @@ def test_list_and_load_images(tmp_path):
         train_data.list_images(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         train_data.list_images(tmp_path / "missing")
+    (tmp_path / "half.png").write_bytes(b"")  # what gradio 3.41 once handed over before the upload was written
+    with pytest.raises(ValueError, match=r"half.png is empty \(an upload still in progress\?\)"):
+        train_data.load_image(tmp_path / "half.png", 64)
 
 
 def test_conditions_are_encoded_once_per_bucket(tmp_path):

@@ -163,6 +163,10 @@ def _fused_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return frozen and x.is_floating_point() and weight.is_floating_point() and plan.patch_entries <= PATCH_MAX_WEIGHT_MULTIPLE * size
 
 
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def _kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coef: torch.Tensor, plan: Plan, scaling: float) -> str:
     """``fused`` or ``plan`` for this call: pinned by ``WAVEFT_KERNELS``, else timed once per shape class."""
     forced = kernel_choice.forced_evaluation()
@@ -177,7 +181,9 @@ def _kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
 
     def timed(evaluate: Callable[..., torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
-            with torch.enable_grad() if training else torch.no_grad():
+            # own saved-tensor hooks: a surrounding non-reentrant checkpoint must not count the timing runs'
+            # tensors (its recomputation finds the choice made, runs none, and a different count is an error)
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep), torch.enable_grad() if training else torch.no_grad():
                 xs = x.detach().requires_grad_(x.requires_grad and training)
                 cs = coef.detach().clone().requires_grad_(training)
                 y = evaluate(xs, weight, bias, cs, plan, scaling)

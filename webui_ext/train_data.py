@@ -50,6 +50,8 @@ def fit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
 
 def load_image(path: str | Path, resolution: int) -> Image.Image:
     """RGB image resized to cover its bucket size and centre-cropped to it (EXIF rotation applied)."""
+    if Path(path).stat().st_size == 0:  # gradio 3.41 can hand over an upload before it is written
+        raise ValueError(f"{Path(path).name} is empty (an upload still in progress?): wait for it, then Train again")
     with Image.open(path) as opened:
         if opened.width * opened.height > MAX_IMAGE_PIXELS:
             raise ValueError(f"{Path(path).name}: {opened.width}x{opened.height} is too large to train on")
