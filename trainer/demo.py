@@ -25,6 +25,7 @@ from . import diffusion as diff
 from ._core import core, names
 from .data import TrainingData, generator
 from .engine import Denoise, train_waveft
+from .parallel import Collective
 from .plot import encode_png, plot_losses
 from .progress import TextProgress
 from .settings import DEFAULT_INSTANCE_PROMPT, TrainSettings
@@ -128,14 +129,14 @@ def synthetic_subject(
     return TrainingData(latents, conds, instance_prompt=DEFAULT_INSTANCE_PROMPT)
 
 
-def demo_settings(steps: int = 120, seed: int = 777) -> TrainSettings:
+def demo_settings(steps: int = 120, seed: int = 777, batch_size: int = 2) -> TrainSettings:
     """The paper's recipe scaled to the tiny model: 1024 coefficients per layer (a quarter of a 64x64
     weight), a learning rate of 5e-3 (a random base needs larger steps than a pretrained one), batch 2 x
-    accumulation 2 and a short warm-up."""
+    accumulation 2 and a short warm-up. ``batch_size`` is per process when several train together."""
     return TrainSettings(
         steps=steps,
         learning_rate=5e-3,
-        batch_size=2,
+        batch_size=batch_size,
         grad_accum=2,
         warmup_steps=5,
         seed=seed,
@@ -195,19 +196,36 @@ def check_round_trip(trained: nn.Module, base: nn.Module, path: Path, data: Trai
     return float((outputs[0] - outputs[1]).abs().max()), float((outputs[0] - outputs[2]).abs().max())
 
 
-def run_demo(output: Path = DEFAULT_OUTPUT, steps: int = 120, seed: int = 777, quiet: bool = False) -> dict[str, Any]:
-    """Train, save, reload, merge, compare (module docstring). Returns the numbers it prints."""
-    say = (lambda *a: None) if quiet else print
+def run_demo(
+    output: Path = DEFAULT_OUTPUT,
+    steps: int = 120,
+    seed: int = 777,
+    quiet: bool = False,
+    batch_size: int = 2,
+    distributed: Collective | None = None,
+) -> dict[str, Any]:
+    """Train, save, reload, merge, compare (module docstring). Returns the numbers it prints.
+
+    With ``distributed`` this is one of several data-parallel processes (``batch_size`` each); only rank 0
+    prints, writes and checks the file, the others train and return ``{"result": ...}``."""
+    main = distributed is None or distributed.rank == 0
+    say = print if main and not quiet else (lambda *a: None)
     started = time.monotonic()
     unet = tiny_sdxl_unet().eval()
     base = copy.deepcopy(unet)
-    data, settings = synthetic_subject(), demo_settings(steps, seed)
+    data, settings = synthetic_subject(), demo_settings(steps, seed, batch_size)
+    if distributed is not None:
+        say(f"{distributed.world_size} processes x batch {batch_size} (global batch {batch_size * distributed.world_size})")
     say(f"WaveFT demo: tiny SDXL-architecture UNet, {len(data)} synthetic latents in {len(data.buckets)} buckets")
     before = probe_loss(diffusers_denoise(unet), data, settings)
     result = train_waveft(
         unet, diffusers_denoise(unet), data, settings, name_to_prefix=diffusers_name_to_prefix,
-        output_path=output, progress=None if quiet else TextProgress(), resume=False, keep_attached=True,
+        output_path=output, progress=TextProgress() if main and not quiet else None, resume=False,
+        keep_attached=True, distributed=distributed,
     )  # fmt: skip
+    if not main:
+        core.detach_waveft(unet)
+        return {"result": result}
     first, last = _averages(result.losses)
     after = probe_loss(diffusers_denoise(unet), data, settings)
     say(f"training loss, mean of the first / last 10% of steps: {first:.4f} -> {last:.4f}")

@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from . import diffusion as diff
 from ._core import core
 from .data import BatchSchedule, TrainingData, derive_seed, generator
+from .parallel import Collective, check_collective, shard
 from .settings import TrainSettings
 
 Denoise = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
@@ -178,15 +179,20 @@ class _Run:
         settings: TrainSettings,
         device: torch.device,
         input_dtype: torch.dtype,
+        distributed: Collective | None = None,
     ) -> None:
         self.layers, self.denoise, self.data, self.settings = layers, denoise, data, settings
         self.device, self.input_dtype = device, input_dtype
+        self.distributed = distributed
+        self.world_size = distributed.world_size if distributed is not None else 1
+        self.rank = distributed.rank if distributed is not None else 0
         self.precision = settings.precision(device, input_dtype)
         self.params = [layer.coef for layer in layers.values()]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         _check_autocast(device, self.precision)
         self.scaler = _grad_scaler(device, enabled=self.precision == "fp16")
-        self.schedule = BatchSchedule(data.buckets, settings.batch_size, settings.seed)
+        # each micro-batch is the global batch of all processes; every process draws it and keeps its share
+        self.schedule = BatchSchedule(data.buckets, settings.batch_size * self.world_size, settings.seed)
         abar = diff.alphas_cumprod(settings.num_train_timesteps, settings.beta_start, settings.beta_end)
         self.abar = abar.to(torch.float32)
         self.losses: list[float] = []
@@ -194,8 +200,11 @@ class _Run:
 
     def fingerprint(self) -> dict[str, Any]:
         shapes = {name: [*layer.shape, layer.coef.numel()] for name, layer in self.layers.items()}
+        trajectory = self.settings.trajectory_dict(self.device, self.input_dtype)
+        # the trajectory depends on the global batch only, so a run may resume with another process count
+        trajectory["batch_size"] = self.settings.batch_size * self.world_size
         raw = {
-            "settings": self.settings.trajectory_dict(self.device, self.input_dtype),
+            "settings": trajectory,
             "data": self.data.fingerprint(),
             "layers": shapes,
         }
@@ -231,10 +240,16 @@ class _Run:
 
     def _micro_loss(self, index: int) -> torch.Tensor:
         settings = self.settings
-        latents, cond = self.data.collate(self.schedule.batch(index), self.device, self.input_dtype)
+        batch = self.schedule.batch(index)
         gen = generator(settings.seed, "noise", index)
-        timesteps = diff.sample_timesteps(latents.shape[0], settings.timestep_range, gen)
-        noise = diff.sample_noise(latents.shape, settings.noise_offset, gen).to(self.device)
+        # timesteps and noise of the whole global batch, drawn in one order whatever the process count
+        timesteps = diff.sample_timesteps(len(batch), settings.timestep_range, gen)
+        noise = diff.sample_noise((len(batch), *self.data.latents[batch[0]].shape), settings.noise_offset, gen)
+        rows = shard(len(batch), self.rank, self.world_size)
+        if rows.start == rows.stop:  # this process has no share of a small last batch: it adds zero gradient
+            return torch.zeros((), device=self.device)
+        latents, cond = self.data.collate(batch[rows], self.device, self.input_dtype)
+        timesteps, noise = timesteps[rows], noise[rows].to(self.device)
         abar = self.abar[timesteps].to(self.device)
         noisy = diff.add_noise(latents, noise, abar).to(self.input_dtype)
         target = diff.prediction_target(latents, noise, abar, settings.prediction_type)
@@ -244,8 +259,30 @@ class _Run:
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 prediction = self.denoise(noisy, timesteps.to(self.device), cond)
             loss = diff.diffusion_loss(prediction, target, weights)
+            if self.world_size > 1:  # this share's part of the global batch mean: the sum over processes is it
+                loss = loss * (len(timesteps) / len(batch))
             self.scaler.scale(loss / settings.grad_accum).backward()
         return loss.detach()
+
+    def _all_reduce(self, total: torch.Tensor) -> torch.Tensor:
+        """Sum the coefficient gradients and the loss over all processes in one collective; returns the loss."""
+        assert self.distributed is not None
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [total.reshape(1).float()])
+        flat = self.distributed.all_reduce_sum(flat)
+        offset = 0
+        for param in self.params:
+            param.grad = flat[offset : offset + param.numel()].view_as(param).to(param.dtype).clone()
+            offset += param.numel()
+        return flat[-1]
+
+    def stop_agreed(self, wanted: bool) -> bool:
+        """Whether any process wants to stop (all must leave the loop at the same step, or the others would
+        wait forever in the next all-reduce)."""
+        if self.distributed is None:
+            return wanted
+        flag = torch.tensor([1.0 if wanted else 0.0], device=self.device)
+        return bool(self.distributed.all_reduce_sum(flag).item() > 0)
 
     def step(self) -> float:
         """One optimiser step; returns its loss. Raises :class:`NonFiniteLossError` before applying a bad step."""
@@ -254,6 +291,8 @@ class _Run:
         total = torch.zeros((), device=self.device)
         for micro in range(settings.grad_accum):
             total += self._micro_loss(step * settings.grad_accum + micro)
+        if self.distributed is not None:
+            total = self._all_reduce(total)
         loss = float(total) / settings.grad_accum  # one device sync per step
         if not math.isfinite(loss):
             raise NonFiniteLossError(step + 1, "the loss", loss)
@@ -307,9 +346,10 @@ class _Writer:
         if not largest <= core.MAX_UPDATE:  # NaN included
             raise NonFiniteLossError(self.run.steps_done, f"the update (scaling x largest coefficient; a file holds at most "
                                      f"{core.MAX_UPDATE:g})", largest)
-        layers, meta = self.adapter()
-        core.save_adapter(self.path, layers, meta)
-        ckpt.save_state(ckpt.state_path(self.path), self.run.layers, self.run.optimizer, self.run.train_state())
+        if self.run.rank == 0:  # the other processes hold the same coefficients: one writer is enough
+            layers, meta = self.adapter()
+            core.save_adapter(self.path, layers, meta)
+            ckpt.save_state(ckpt.state_path(self.path), self.run.layers, self.run.optimizer, self.run.train_state())
         self.saved_step = self.run.steps_done
         return self.path
 
@@ -324,7 +364,7 @@ class _Writer:
 def _loop(run: _Run, writer: _Writer, progress: Progress | None, should_stop: Callable[[], bool] | None) -> None:
     total, every = run.settings.steps, run.settings.save_every
     while run.steps_done < total:
-        if should_stop is not None and should_stop():
+        if run.stop_agreed(should_stop is not None and should_stop()):
             raise TrainingStopped
         loss = run.step()
         if every and run.steps_done % every == 0 and run.steps_done < total:
@@ -348,6 +388,7 @@ def train_waveft(
     keep_attached: bool = False,
     set_gradient_checkpointing: Callable[[bool], None] | None = None,
     input_dtype: torch.dtype | None = None,
+    distributed: Collective | None = None,
 ) -> TrainResult:
     """Train WaveFT coefficients on ``model`` (the frozen denoiser ``denoise`` calls) and save them.
 
@@ -361,7 +402,12 @@ def train_waveft(
     the model's parameter dtype, or float32 when that is a storage-only type such as fp8).
     The model is restored exactly on return (and on any error); ``keep_attached=True`` leaves the trained
     :class:`waveft_core.WaveFTLinear` layers in place after a successful or stopped run.
+    ``distributed`` (a :class:`trainer.parallel.Collective`) makes this one of several data-parallel processes
+    that share ``data`` and ``settings`` (see :mod:`trainer.parallel`): ``batch_size`` is per process, only
+    rank 0 writes files, and every process ends with the same coefficients.
     """
+    if distributed is not None:
+        check_collective(distributed)
     if core.waveft_layers(model):
         raise ValueError("the model already has WaveFT layers attached; detach them before training")
     path = Path(output_path) if output_path is not None else None
@@ -378,7 +424,8 @@ def train_waveft(
             layers = core.attach_waveft(model, settings.waveft)
             attached = True
             ckpt.file_prefixes(layers, name_to_prefix)
-            run = _Run(layers, denoise, data, settings, reference.device, input_dtype or _compute_dtype(reference))
+            dtype = input_dtype or _compute_dtype(reference)
+            run = _Run(layers, denoise, data, settings, reference.device, dtype, distributed)
             writer = _Writer(path, run, name_to_prefix, metadata)
             if resume and path is not None and ckpt.state_path(path).exists():
                 run.resume_from(ckpt.state_path(path))
