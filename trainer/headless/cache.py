@@ -42,8 +42,11 @@ def prepare_image(path: Path, resolution: int) -> tuple[torch.Tensor, torch.Tens
     """``([3, H, W] in [-1, 1], time_ids [6])`` of one image in its aspect bucket."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened).convert("RGB")
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # what PIL raises for damaged or hostile files
+        raise ValueError(f"{path.name} is not a readable image ({type(err).__name__}: {err})") from None
     width, height = image.size
     bucket_h, bucket_w = bucket_for(height, width, resolution)
     scale = max(bucket_h / height, bucket_w / width)
