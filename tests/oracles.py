@@ -68,3 +68,19 @@ def coef_grad_from_weight_grad(
     index = patch_index(layout, wavelet, grad_weight.device)
     picked = grad_weight.to(torch.float32)[index.rows, index.cols]
     return (picked * index.taps).sum(dim=(1, 2)) * float(scaling)
+
+
+def linear_reference(layer, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A ``WaveFTLinear``'s ``y = x (W + dW)^T + b``, ``dL/dx`` and ``dL/dc`` in float64 on the CPU from the same
+    (rounded) inputs, flattened to ``(tokens, features)``; ``dW`` built densely by ``delta_weight``."""
+    from waveft_core import delta_weight
+    from waveft_core.geometry import patch_layout
+
+    weight, bias = layer.base.weight.detach().cpu().double(), layer.base.bias.detach().cpu().double()
+    coef = layer.coef.detach().cpu()
+    dense = delta_weight(coef, layer.positions, layer.shape, layer.wavelet, layer.scaling).double()
+    x64 = x.detach().cpu().double().reshape(-1, layer.shape[1])
+    g64 = grad.detach().cpu().double().reshape(-1, layer.shape[0])
+    layout = patch_layout(layer.positions, layer.shape, layer.wavelet)
+    grad_coef = coef_grad_from_weight_grad(g64.T @ x64, layout, layer.wavelet, layer.scaling)
+    return x64 @ (weight + dense).T + bias, g64 @ (weight + dense), grad_coef

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracles import coef_grad_from_weight_grad, rel_error
+from oracles import linear_reference, rel_error
 
 import waveft_core.kernel_choice as kernel_choice
 import waveft_core.plans as plans
 from waveft_core import WaveFTLinear
-from waveft_core.geometry import patch_layout
 
 
 @pytest.fixture
@@ -38,16 +37,6 @@ def _layer(out_features: int, in_features: int, n: int, wavelet: str, dtype: tor
     return layer
 
 
-def _reference(layer: WaveFTLinear, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``y``, ``dL/dx`` and ``dL/dc`` in float64 from the same (rounded) inputs."""
-    weight, bias = layer.base.weight.detach().double(), layer.base.bias.detach().double()
-    dense = layer.delta_weight().double()
-    x64, g64 = x.detach().double().reshape(-1, layer.shape[1]), grad.detach().double().reshape(-1, layer.shape[0])
-    layout = patch_layout(layer.positions, layer.shape, layer.wavelet)
-    grad_coef = coef_grad_from_weight_grad(g64.T @ x64, layout, layer.wavelet, layer.scaling)
-    return x64 @ (weight + dense).T + bias, g64 @ (weight + dense), grad_coef
-
-
 CASES = [  # out, in, n, wavelet, dtype, output tolerance (the merged weight and the output rounded once each)
     (64, 48, 100, "db1", torch.float32, 1e-5),
     (33, 17, 20, "db4", torch.float32, 1e-5),
@@ -65,7 +54,7 @@ def test_fused_matches_the_float64_reference(fused, out_features, in_features, n
     y = layer(x)
     grad = torch.randn_like(y)
     y.backward(grad)
-    y_ref, gx_ref, gc_ref = _reference(layer, x, grad)
+    y_ref, gx_ref, gc_ref = linear_reference(layer, x, grad)
     assert y.dtype == dtype and x.grad.dtype == dtype and layer.coef.grad.dtype == torch.float32
     assert rel_error(y.reshape(y_ref.shape), y_ref) <= tolerance
     assert rel_error(x.grad.reshape(gx_ref.shape), gx_ref) <= tolerance
@@ -79,7 +68,7 @@ def test_fused_fp16_with_loss_scaling_does_not_overflow(fused):
     x = torch.randn(1, 512, 64, dtype=torch.float16, requires_grad=True) * 4
     grad = torch.randn(1, 512, 64, dtype=torch.float16) * 2**14
     layer(x).backward(grad)
-    _, _, gc_ref = _reference(layer, x, grad.float())
+    _, _, gc_ref = linear_reference(layer, x, grad.float())
     assert torch.isfinite(layer.coef.grad).all() and rel_error(layer.coef.grad, gc_ref) <= 1e-4
 
 
@@ -91,7 +80,7 @@ def test_fused_under_autocast_computes_in_the_autocast_dtype(fused):
     assert y.dtype == torch.bfloat16
     grad = torch.randn_like(y)
     y.backward(grad)
-    y_ref, gx_ref, gc_ref = _reference(layer, x.detach().bfloat16(), grad)
+    y_ref, gx_ref, gc_ref = linear_reference(layer, x.detach().bfloat16(), grad)
     assert x.grad.dtype == torch.float32
     assert rel_error(y, y_ref) <= 2**-7 and rel_error(x.grad, gx_ref) <= 2**-7
     assert rel_error(layer.coef.grad, gc_ref) <= 1e-4
@@ -104,7 +93,7 @@ def test_fused_casts_stored_weights_like_a_manual_cast_layer(fused):
     x = torch.randn(6, 24, requires_grad=True)
     y = layer(x)
     y.backward(torch.ones_like(y))
-    y_ref, _, gc_ref = _reference(layer, x, torch.ones_like(y))
+    y_ref, _, gc_ref = linear_reference(layer, x, torch.ones_like(y))
     assert y.dtype == torch.float32 and rel_error(y, y_ref) <= 1e-5 and rel_error(layer.coef.grad, gc_ref) <= 1e-5
     assert torch.equal(layer.base.weight, stored)
 
@@ -204,7 +193,7 @@ def test_real_timing_picks_a_correct_family_on_this_cpu(monkeypatch):
     x = torch.randn(1, 64, 256, requires_grad=True)
     y = layer(x)
     y.backward(torch.ones_like(y))
-    y_ref, gx_ref, gc_ref = _reference(layer, x, torch.ones_like(y))
+    y_ref, gx_ref, gc_ref = linear_reference(layer, x, torch.ones_like(y))
     assert list(kernel_choice._CHOSEN.values())[0] in ("plan", "fused")
     assert rel_error(y.reshape(y_ref.shape), y_ref) <= 1e-5 and rel_error(layer.coef.grad, gc_ref) <= 1e-5
     plans.clear_caches()

@@ -11,15 +11,14 @@ import os
 
 import pytest
 import torch
-from oracles import coef_grad_from_weight_grad, rel_error
+from oracles import linear_reference, rel_error
 from trainer_toys import ToyDenoiser, toy_data, toy_denoise, toy_prefix, toy_settings
 
 import waveft_core.plans as plans
 import waveft_core.portable_ops as portable_ops
 import waveft_core.sparse_ops as sparse_ops
 from trainer import train_waveft
-from waveft_core import WaveFTLinear, add_delta_, delta_weight, load_adapter
-from waveft_core.geometry import patch_layout
+from waveft_core import WaveFTLinear, add_delta_, load_adapter
 
 DEVICE = torch.device(os.environ.get("WAVEFT_TEST_DEVICE", "cuda"))
 
@@ -52,19 +51,6 @@ def kernels(request, monkeypatch) -> str:
     plans.clear_caches()
 
 
-def _reference(layer: WaveFTLinear, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``y = x (W + dW)^T + b``, ``dL/dx`` and ``dL/dc`` in float64 on the CPU from the same (rounded) inputs."""
-    weight = layer.base.weight.detach().cpu().double()
-    bias = layer.base.bias.detach().cpu().double()
-    coef = layer.coef.detach().cpu()
-    dense = delta_weight(coef, layer.positions, layer.shape, layer.wavelet, layer.scaling).double()
-    x64, g64 = x.detach().cpu().double().reshape(-1, layer.shape[1]), grad.detach().cpu().double().reshape(-1, layer.shape[0])
-    y = x64 @ (weight + dense).T + bias
-    layout = patch_layout(layer.positions, layer.shape, layer.wavelet)
-    grad_coef = coef_grad_from_weight_grad(g64.T @ x64, layout, layer.wavelet, layer.scaling)
-    return y, g64 @ (weight + dense), grad_coef
-
-
 PATHS = [  # (weight dtype, base trainable, tolerance): the first is the weight-side path, the others activation-side
     (torch.float32, False, 1e-5),
     (torch.float32, True, 1e-5),
@@ -85,7 +71,7 @@ def test_layer_matches_the_float64_reference(out_features, in_features, tokens, 
     y = layer(x)
     grad = torch.randn_like(y)
     y.backward(grad)
-    y_ref, gx_ref, gc_ref = _reference(layer, x, grad)
+    y_ref, gx_ref, gc_ref = linear_reference(layer, x, grad)
     assert y.dtype == dtype and x.grad.dtype == dtype and layer.coef.grad.dtype == torch.float32
     assert rel_error(y.reshape(y_ref.shape), y_ref) <= tolerance
     assert rel_error(x.grad.reshape(gx_ref.shape), gx_ref) <= tolerance
@@ -113,7 +99,7 @@ def test_long_sequences_in_several_device_chunks(monkeypatch, kernels):
     y = layer(x)
     grad = torch.randn_like(y)
     y.backward(grad)
-    y_ref, gx_ref, gc_ref = _reference(layer, x, grad)
+    y_ref, gx_ref, gc_ref = linear_reference(layer, x, grad)
     assert rel_error(y.reshape(y_ref.shape), y_ref) <= 1e-5 and rel_error(x.grad.reshape(gx_ref.shape), gx_ref) <= 1e-5
     assert rel_error(layer.coef.grad, gc_ref) <= 1e-5
 
