@@ -1,16 +1,19 @@
 """``WaveFTLinear``: a frozen ``nn.Linear`` plus a trainable WaveFT update, ``y = base(x) + x dW^T``.
 
-Two exact ways to evaluate it, both with a custom backward that never forms a dense ``dW`` gradient:
+Three exact ways to evaluate it, each with a custom backward that never forms a dense ``dW`` gradient. The
+plan family's two:
 
 * weight-side (float32/float64 base weights, no autocast): the forward multiplies by ``W + dW`` -- ``W``
   patched in place by a scatter of ``p`` patches and restored exactly afterwards, far cheaper than touching
   the activations again -- and the backward does the same for ``dL/dx``;
 * activation-side (half-precision weights, autocast, or a trainable base): ``base(x)`` plus ``x dW^T`` from
-  the separable factors, kept in float32 so a small ``dW`` is not lost to bf16 rounding of ``W + dW``.
+  the separable factors, kept in float32 so a small ``dW`` is not lost to bf16 rounding of ``W + dW``;
 
-Either way ``dL/dc`` is a sampled product, one dot over the tokens per coefficient. :mod:`waveft_core.plans`
+there ``dL/dc`` is a sampled product, one dot over the tokens per coefficient, and :mod:`waveft_core.plans`
 picks the kernels per device: sparse CSR ones (:mod:`~waveft_core.sparse_ops`) where the device has them,
-else convolutions and gathers (:mod:`~waveft_core.portable_ops`, e.g. Apple's MPS).
+else convolutions and gathers (:mod:`~waveft_core.portable_ops`, e.g. Apple's MPS). The third is the fused
+layer (:mod:`~waveft_core.fused_ops`: ``W + dW`` in a copy, few large kernels, what GPUs want) for a frozen
+base; :mod:`~waveft_core.kernel_choice` times it against the plan family once per shape class.
 """
 
 from __future__ import annotations
