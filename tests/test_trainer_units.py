@@ -104,6 +104,26 @@ def test_noise_schedule_and_targets_match_diffusers():
     assert diff.prediction_target(x0, eps, a, "epsilon") is eps
 
 
+def test_zero_terminal_snr_schedule_matches_diffusers_and_is_refused_for_epsilon():
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        rescale_betas_zero_snr=True)  # fmt: skip
+    abar = diff.alphas_cumprod(1000, 0.00085, 0.012, zero_terminal_snr=True)
+    torch.testing.assert_close(abar.float(), ref.alphas_cumprod, rtol=1e-5, atol=1e-7)
+    assert abar[-1] == 0 and abar[0] == diff.alphas_cumprod(1000, 0.00085, 0.012)[0]
+    x0, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    assert torch.equal(diff.prediction_target(x0, eps, abar.float()[-1:], "v_prediction"), -x0)  # pure noise: v = -x0
+    assert torch.isfinite(diff.snr_weights(abar.float(), 5.0, "v_prediction")).all()
+    with pytest.raises(ValueError, match="zero_terminal_snr needs prediction_type='v_prediction'"):
+        TrainSettings(zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="zero_terminal_snr must be True or False"):
+        TrainSettings(zero_terminal_snr="yes", prediction_type="v_prediction")
+    # runs saved before the option existed keep resuming: the default leaves the trajectory as it was
+    assert "zero_terminal_snr" not in TrainSettings().trajectory_dict()
+    assert TrainSettings(zero_terminal_snr=True, prediction_type="v_prediction").trajectory_dict()["zero_terminal_snr"]
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_min_snr_weights(prediction_type):
     abar = torch.tensor([0.999, 0.5, 0.001])

@@ -234,6 +234,7 @@ def training_metadata(settings: Any, data: Any, steps_done: int, num_params: int
         "waveft_train_lr": str(settings.learning_rate),
         "waveft_train_weight_decay": str(settings.weight_decay),
         "waveft_train_prediction_type": settings.prediction_type,
+        "waveft_train_zero_terminal_snr": str(settings.zero_terminal_snr),
         "waveft_n_frequency": str(cfg.n_frequency) if cfg.total_budget is None else "proportional",
         "waveft_total_budget": str(num_params),
         "waveft_target_pattern": cfg.target_pattern,

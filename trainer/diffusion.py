@@ -20,10 +20,21 @@ import math
 import torch
 
 
-def alphas_cumprod(num_steps: int, beta_start: float, beta_end: float) -> torch.Tensor:
-    """``abar_t`` (float64 ``[T]``) of the scaled-linear schedule."""
+def alphas_cumprod(num_steps: int, beta_start: float, beta_end: float, zero_terminal_snr: bool = False) -> torch.Tensor:
+    """``abar_t`` (float64 ``[T]``) of the scaled-linear schedule.
+
+    ``zero_terminal_snr`` rescales it so the last step is pure noise (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed", Algorithm 1): ``sqrt(abar)`` is shifted so its last value is 0 and
+    scaled so its first is unchanged, ``sqrt(abar') = (sqrt(abar) - sqrt(abar_T)) * sqrt(abar_0) /
+    (sqrt(abar_0) - sqrt(abar_T))`` -- the schedule NoobAI-XL v-pred and other ``ztsnr`` models were trained with.
+    """
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
+    abar = torch.cumprod(1.0 - betas, dim=0)
+    if not zero_terminal_snr:
+        return abar
+    root = abar.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    return ((root - last) * first / (first - last)) ** 2
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -193,7 +193,8 @@ class _Run:
         self.scaler = _grad_scaler(device, enabled=self.precision == "fp16")
         # each micro-batch is the global batch of all processes; every process draws it and keeps its share
         self.schedule = BatchSchedule(data.buckets, settings.batch_size * self.world_size, settings.seed)
-        abar = diff.alphas_cumprod(settings.num_train_timesteps, settings.beta_start, settings.beta_end)
+        abar = diff.alphas_cumprod(settings.num_train_timesteps, settings.beta_start, settings.beta_end,
+                                   settings.zero_terminal_snr)  # fmt: skip
         self.abar = abar.to(torch.float32)
         self.losses: list[float] = []
         self.steps_done = 0

@@ -77,6 +77,7 @@ class TrainSettings:
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    zero_terminal_snr: bool = False
     seed: int = 777
     save_every: int = 0
     resolution: int = 1024
@@ -107,6 +108,10 @@ class TrainSettings:
         _number("beta_end", self.beta_end, self.beta_start, strict=True)
         if self.beta_end >= 1:
             raise ValueError(f"beta_end must be < 1; got {self.beta_end!r}")
+        if not isinstance(self.zero_terminal_snr, bool):
+            raise ValueError(f"zero_terminal_snr must be True or False; got {self.zero_terminal_snr!r}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":  # eps is undefined at pure noise
+            raise ValueError("zero_terminal_snr needs prediction_type='v_prediction' (the last step is pure noise)")
         self._check_timestep_range()
         _integer("seed", self.seed, 0)
         _integer("save_every", self.save_every, 0)
@@ -160,6 +165,8 @@ class TrainSettings:
         out = self.to_dict()
         for key in ("save_every", "base_model_name", "output_name", "resolution"):
             out.pop(key)
+        if not self.zero_terminal_snr:  # states saved before the option existed had the default schedule
+            out.pop("zero_terminal_snr")
         if self.lr_scheduler == "constant":
             out.pop("steps")
         out["mixed_precision"] = self.precision(torch.device(device), model_dtype)

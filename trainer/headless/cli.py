@@ -31,6 +31,8 @@ HELP = {
     "num_train_timesteps": "length of the DDPM schedule",
     "beta_start": "first beta of the scaled-linear schedule",
     "beta_end": "last beta of the scaled-linear schedule",
+    "zero_terminal_snr": "rescale the schedule to zero terminal SNR (v-prediction only); default: on if the "
+    "checkpoint has a ztsnr key (NoobAI-XL V-pred)",
     "seed": "training seed (batch order, noise, timesteps)",
     "save_every": "also save adapter + resume state every N steps (0: at the end and on a stop)",
     "resolution": "training resolution: images go to aspect buckets of about resolution^2 pixels",

@@ -96,8 +96,8 @@ def encode_subjects(config: RunConfig, reader: CheckpointReader, process: Proces
 
 
 def train_subject(config: RunConfig, subject: Subject, unet: torch.nn.Module, data: Any, process: Process,
-                  stop: StopRequest, prediction_type: str) -> SubjectResult:  # fmt: skip
-    options = {"prediction_type": prediction_type, **config.subject_options(subject)}
+                  stop: StopRequest, schedule: dict[str, Any]) -> SubjectResult:  # fmt: skip
+    options = {**schedule, **config.subject_options(subject)}  # the file's schedule unless a setting says otherwise
     settings = build_settings(options, config.checkpoint.name, subject.output.stem)
     if process.is_main:
         print(f"{subject.output.name}: {len(data)} images in {len(data.buckets)} buckets, {settings.steps} steps, "
@@ -129,7 +129,8 @@ def run(config: RunConfig, process: Process | None = None) -> dict[str, Any]:
     results: list[SubjectResult] = []
     with StopRequest() as stop:
         for subject, data in zip(config.subjects, datasets, strict=True):
-            results.append(train_subject(config, subject, unet, data, process, stop, checkpoint.prediction_type))
+            schedule = {"prediction_type": checkpoint.prediction_type, "zero_terminal_snr": checkpoint.zero_terminal_snr}
+            results.append(train_subject(config, subject, unet, data, process, stop, schedule))
             if results[-1].result.stopped:
                 break
     process.barrier()

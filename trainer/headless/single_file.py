@@ -176,6 +176,7 @@ class SDXLCheckpoint:
     text_encoder: nn.Module | None = None
     text_encoder_2: nn.Module | None = None
     prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
     file_dtype: torch.dtype = torch.float32
 
 
@@ -204,6 +205,10 @@ class CheckpointReader:
     def prediction_type(self) -> str:
         """``v_prediction`` for files that carry a ``v_pred`` key (NoobAI-XL V-pred and kin), else ``epsilon``."""
         return "v_prediction" if "v_pred" in self.keys else "epsilon"
+
+    def zero_terminal_snr(self) -> bool:
+        """Whether the file carries a ``ztsnr`` key (NoobAI-XL V-pred: trained on a zero-terminal-SNR schedule)."""
+        return "ztsnr" in self.keys
 
     def file_dtype(self) -> torch.dtype:
         """The UNet's storage type (fp16, bf16 or fp32; fp8 and others read as float32 for training)."""
@@ -262,7 +267,8 @@ def load_sdxl(
     unknown = parts - set(COMPONENTS)
     if unknown:
         raise ValueError(f"parts must be among {COMPONENTS}; got {sorted(unknown)}")
-    out = SDXLCheckpoint(reader.path, prediction_type=reader.prediction_type(), file_dtype=reader.file_dtype())
+    out = SDXLCheckpoint(reader.path, prediction_type=reader.prediction_type(), file_dtype=reader.file_dtype(),
+                         zero_terminal_snr=reader.zero_terminal_snr() and reader.prediction_type() == "v_prediction")
     if "unet" in parts:
         pooled = reader.shapes(CLIP_G)["text_projection"][1]
         config = unet_config(reader.shapes(UNET), pooled)
